@@ -1,0 +1,71 @@
+"""Errors that reach a job result.
+
+Every failure a caller can cause or observe is a :class:`StoryStudioError` with a
+stable machine-readable ``code``; the handler turns it into
+``{"error": message, "code": code}`` so the story app can branch on the code
+without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class StoryStudioError(Exception):
+    """Base class: an error with a stable code that is safe to show the caller."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_result(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code}
+
+
+class InvalidInput(StoryStudioError):
+    """The job input does not match the schema (unknown task, missing field, out of range)."""
+
+    code = "invalid_input"
+
+
+class InputFetchError(StoryStudioError):
+    """An input URL/base64 payload could not be fetched or decoded.
+
+    Codes: ``input_forbidden`` (scheme or address not allowed), ``input_download_failed``
+    (HTTP error, timeout, connection), ``input_too_large``, ``input_invalid_base64``.
+    """
+
+    code = "input_download_failed"
+
+
+class MediaError(StoryStudioError):
+    """Image/audio/video bytes are not what they claim to be.
+
+    Codes: ``invalid_image``, ``invalid_audio``, ``empty_audio``, ``invalid_video``,
+    ``encode_failed``.
+    """
+
+    code = "invalid_media"
+
+
+class CheckpointError(StoryStudioError):
+    """A model folder is missing files or holds files that do not match the layout.
+
+    Codes: ``checkpoint_missing``, ``checkpoint_corrupt``, ``checkpoint_mismatch``.
+    """
+
+    code = "checkpoint_missing"
+
+
+class GenerationError(StoryStudioError):
+    """The model failed while generating (``generation_failed``, ``out_of_memory``)."""
+
+    code = "generation_failed"
+
+
+class StorageError(StoryStudioError):
+    """Uploading or writing a result failed (``storage_failed``)."""
+
+    code = "storage_failed"
