@@ -1,0 +1,454 @@
+"""ModelManager: which model set lives in VRAM, and how the other one is parked.
+
+The worker serves two model sets on one GPU: Wan2.2-S2V (≈45 GB with T5, VAE and
+wav2vec2) and Z-Image-Turbo (≈21 GB with its text encoder). On an 80 GB card they
+do not always fit together with a video's activations, so one of them sometimes
+has to leave VRAM. The naive way, ``module.to("cpu")``, measured 39 s for the Wan
+DiT alone (pageable memory, one allocation per tensor); copying into a
+preallocated *pinned* host buffer measured 0.6 s. That is the whole idea here:
+
+* every component (an ``nn.Module`` the engine registers) gets one flat pinned
+  host buffer, allocated once; its parameters and buffers are views into that
+  buffer while parked and views into one flat device buffer while resident;
+* parking = one device→host copy per component, restoring = one host→device
+  copy; the modules themselves are never re-created, only ``tensor.data`` is
+  re-pointed, so engines keep working without knowing anything happened;
+* only as many bytes as needed are parked (smallest sufficient component of the
+  least recently used set first), so on a 141 GB H200 nothing moves at all;
+* a set is read from disk once per process; parked sets never touch disk again.
+
+On CPU the same code runs with ordinary host memory and, by default, an
+unlimited budget, so the whole worker runs in tests; tests can set a budget to
+exercise parking for real.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from storystudio.errors import GenerationError
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+_ALIGN = 256  # byte alignment of every tensor inside a flat buffer (any dtype view is legal)
+_T = TypeVar("_T")
+
+
+class ManagedEngine(Protocol):
+    """What an engine must expose to be managed: its weight-holding modules by name."""
+
+    def components(self) -> dict[str, nn.Module]: ...
+
+
+@dataclass
+class _Slot:
+    """One weight tensor's place inside its component's flat buffers."""
+
+    tensor: torch.Tensor  # the Parameter or buffer object itself; its .data is re-pointed
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+class _Component:
+    """One registered module: its tensors, where they live, and its two flat buffers."""
+
+    def __init__(self, set_name: str, name: str, module: nn.Module, device: torch.device) -> None:
+        self.set_name = set_name
+        self.name = name
+        self.module = module
+        self.slots: list[_Slot] = []
+        seen: set[int] = set()
+        offset = 0
+        for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
+            if id(t) in seen:  # tied weights: one slot, both names follow it
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            self.slots.append(_Slot(t, offset, nbytes, t.dtype, t.shape))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.nbytes = offset
+        self.host: torch.Tensor | None = None  # flat host buffer, kept for the life of the process
+        # Freshly loaded weights are scattered allocations; after the first restore they are
+        # views into one flat device buffer, and parking becomes a single copy.
+        self.device_flat: torch.Tensor | None = None
+        self.on_device = all(s.tensor.device == device for s in self.slots) if self.slots else True
+
+    @property
+    def key(self) -> str:
+        return f"{self.set_name}.{self.name}"
+
+
+@dataclass
+class _ModelSet:
+    name: str
+    loader: Callable[[torch.device], Any]
+    size_hint_bytes: int
+    engine: Any = None
+    components: list[_Component] = field(default_factory=list)
+    last_used: float = 0.0
+    load_seconds: float | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def device_bytes(self) -> int:
+        return sum(c.nbytes for c in self.components if c.on_device)
+
+    def missing_bytes(self) -> int:
+        if not self.loaded:
+            return self.size_hint_bytes
+        return sum(c.nbytes for c in self.components if not c.on_device)
+
+
+@dataclass
+class ManagerStats:
+    """Cumulative counters, reported in every job result."""
+
+    device: str
+    budget_gib: float | None
+    resident: list[str]
+    parked: list[str]
+    loads: dict[str, float]
+    swaps: int
+    swap_seconds: float
+    parked_gib: float
+    restored_gib: float
+    oom_retries: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "budget_gib": self.budget_gib,
+            "resident": self.resident,
+            "parked": self.parked,
+            "load_seconds": self.loads,
+            "swaps": self.swaps,
+            "swap_seconds": round(self.swap_seconds, 3),
+            "parked_gib": round(self.parked_gib, 3),
+            "restored_gib": round(self.restored_gib, 3),
+            "oom_retries": self.oom_retries,
+        }
+
+
+def device_budget_bytes(device: torch.device, *, override_gib: float | None, reserve_gib: float) -> int | None:
+    """VRAM the manager may fill with weights plus one job's activations.
+
+    ``None`` means unlimited (CPU without an explicit override). On CUDA the total
+    is read from the device and a reserve is kept for the CUDA context, cuBLAS
+    workspaces and allocator fragmentation.
+    """
+    if override_gib is not None:
+        return int(override_gib * GiB)
+    if device.type != "cuda":
+        return None
+    _free, total = torch.cuda.mem_get_info(device)
+    return int(total - reserve_gib * GiB)
+
+
+class ModelManager:
+    """Keeps the needed model set in VRAM and parks others in pinned host memory.
+
+    Register each set with a loader; then ``with manager.use(name, working_bytes) as
+    engine:`` makes it resident and holds the generation lock (one generation at a
+    time per GPU). ``run`` adds the out-of-memory retry.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        budget_gib: float | None = None,
+        reserve_gib: float = 1.5,
+        pin_memory: bool | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.budget_bytes = device_budget_bytes(self.device, override_gib=budget_gib, reserve_gib=reserve_gib)
+        self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
+        self._sets: dict[str, _ModelSet] = {}
+        self._lock = threading.RLock()
+        self._clock = 0.0
+        self._swaps = 0
+        self._swap_seconds = 0.0
+        self._parked_bytes = 0
+        self._restored_bytes = 0
+        self._oom_retries = 0
+        self._move_seconds = 0.0  # time inside park/restore copies only (not cold loads)
+        logger.info(
+            "ModelManager on %s, budget %s, pinned host buffers: %s",
+            self.device,
+            "unlimited" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB",
+            self.pin_memory,
+        )
+
+    # ------------------------------------------------------------------ registry
+    def register(self, name: str, loader: Callable[[torch.device], Any], *, size_hint_bytes: int = 0) -> None:
+        """Declare a model set. ``loader(device)`` builds the engine; it runs at most once."""
+        with self._lock:
+            if name in self._sets:
+                raise ValueError(f"model set {name!r} is already registered")
+            self._sets[name] = _ModelSet(name, loader, size_hint_bytes)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._sets)
+
+    def is_loaded(self, name: str) -> bool:
+        return self._get(name).loaded
+
+    def _get(self, name: str) -> _ModelSet:
+        try:
+            return self._sets[name]
+        except KeyError:
+            raise KeyError(f"unknown model set {name!r}; registered: {sorted(self._sets)}") from None
+
+    # ------------------------------------------------------------------ residency
+    def ensure(self, name: str, *, working_bytes: int = 0) -> Any:
+        """Make set ``name`` resident (loading it once if needed) and return its engine.
+
+        ``working_bytes`` is the activation memory the coming job needs; room for it
+        is made too, so a 720p video may push out more of the other set than a 480p one.
+        """
+        with self._lock:
+            ms = self._get(name)
+            self._clock += 1
+            ms.last_used = self._clock
+            moved_before = (self._parked_bytes, self._restored_bytes)
+            move_before = self._move_seconds
+            self._make_room(ms, ms.missing_bytes() + working_bytes)
+            if not ms.loaded:
+                self._cold_load(ms)
+            else:
+                for comp in ms.components:
+                    if not comp.on_device:
+                        self._restore(comp)
+            moved = (self._parked_bytes, self._restored_bytes) != moved_before
+            if moved:
+                self._sync()
+                dt = self._move_seconds - move_before
+                self._swaps += 1
+                self._swap_seconds += dt
+                logger.info("model set %s resident after %.3f s of parking/restoring", name, dt)
+            return ms.engine
+
+    @contextmanager
+    def use(self, name: str, *, working_bytes: int = 0) -> Iterator[Any]:
+        """Hold the generation lock while the set is resident and in use."""
+        with self._lock:
+            yield self.ensure(name, working_bytes=working_bytes)
+
+    def run(self, name: str, fn: Callable[[Any], _T], *, working_bytes: int = 0) -> _T:
+        """Run ``fn(engine)`` with the set resident; on CUDA OOM park everything else and retry once.
+
+        A second OOM fails the job with ``out_of_memory`` and leaves the worker
+        usable: caches are emptied and no set is left half-moved.
+        """
+        with self._lock:
+            engine = self.ensure(name, working_bytes=working_bytes)
+            try:
+                return fn(engine)
+            except torch.OutOfMemoryError as first:
+                logger.warning("out of memory in %s (%s); parking every other set and retrying once", name, first)
+                self._oom_retries += 1
+                self._free_cuda_cache()
+                self.park_all(except_name=name)
+                self._free_cuda_cache()
+                engine = self.ensure(name, working_bytes=working_bytes)
+                try:
+                    return fn(engine)
+                except torch.OutOfMemoryError as second:
+                    self._free_cuda_cache()
+                    raise GenerationError(
+                        f"GPU out of memory in {name} even with every other model parked: {second}. "
+                        "Use a lower resolution or fewer frames per clip.",
+                        code="out_of_memory",
+                    ) from None
+
+    def park(self, name: str) -> None:
+        """Park every component of one set (no-op for sets not loaded)."""
+        with self._lock:
+            ms = self._get(name)
+            for comp in ms.components:
+                if comp.on_device:
+                    self._park(comp)
+            self._sync()
+
+    def park_all(self, *, except_name: str | None = None) -> None:
+        with self._lock:
+            for ms in self._sets.values():
+                if ms.name != except_name:
+                    self.park(ms.name)
+
+    def warm_host_buffers(self, name: str) -> None:
+        """Allocate a set's pinned host buffers now rather than at its first park.
+
+        Pinning tens of GB takes seconds; doing it right after the cold load (while
+        the first job runs on the GPU) keeps that cost out of the first swap.
+        """
+        with self._lock:
+            for comp in self._get(name).components:
+                self._host_buffer(comp)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> ManagerStats:
+        with self._lock:
+            resident, parked, loads = [], [], {}
+            for ms in self._sets.values():
+                if not ms.loaded:
+                    continue
+                loads[ms.name] = round(ms.load_seconds or 0.0, 3)
+                (resident if all(c.on_device for c in ms.components) else parked).append(ms.name)
+            return ManagerStats(
+                device=str(self.device),
+                budget_gib=None if self.budget_bytes is None else round(self.budget_bytes / GiB, 2),
+                resident=resident,
+                parked=parked,
+                loads=loads,
+                swaps=self._swaps,
+                swap_seconds=self._swap_seconds,
+                parked_gib=self._parked_bytes / GiB,
+                restored_gib=self._restored_bytes / GiB,
+                oom_retries=self._oom_retries,
+            )
+
+    def component_residency(self) -> dict[str, bool]:
+        """``{"set.component": on_device}`` for every loaded component (logs, tests, bench)."""
+        with self._lock:
+            return {c.key: c.on_device for ms in self._sets.values() for c in ms.components}
+
+    # ------------------------------------------------------------------ internals
+    def _device_bytes(self) -> int:
+        return sum(ms.device_bytes() for ms in self._sets.values())
+
+    def _make_room(self, target: _ModelSet, need: int) -> None:
+        """Park the fewest bytes of least-recently-used sets so that ``need`` more fits."""
+        if self.budget_bytes is None:
+            return
+        deficit = self._device_bytes() + need - self.budget_bytes
+        while deficit > 0:
+            others = [ms for ms in self._sets.values() if ms is not target and ms.device_bytes() > 0]
+            if not others:
+                logger.warning(
+                    "model set %s needs %.1f GiB more than the budget even with everything else parked; "
+                    "trying anyway",
+                    target.name,
+                    deficit / GiB,
+                )
+                return
+            lru = min(others, key=lambda ms: ms.last_used)
+            comps = [c for c in lru.components if c.on_device]
+            enough = [c for c in comps if c.nbytes >= deficit]
+            victim = min(enough, key=lambda c: c.nbytes) if enough else max(comps, key=lambda c: c.nbytes)
+            self._park(victim)
+            deficit -= victim.nbytes
+        self._sync()
+        self._free_cuda_cache()
+
+    def _cold_load(self, ms: _ModelSet) -> None:
+        logger.info("loading model set %s from disk onto %s", ms.name, self.device)
+        t0 = time.perf_counter()
+        engine = ms.loader(self.device)
+        self._sync()
+        ms.load_seconds = time.perf_counter() - t0
+        ms.engine = engine
+        ms.components = [_Component(ms.name, n, m, self.device) for n, m in engine.components().items()]
+        off = [c.key for c in ms.components if not c.on_device]
+        if off:
+            # The engine left something on the host (e.g. loaded on CPU first): bring it over
+            # through the same path so it ends in a flat device buffer.
+            for comp in ms.components:
+                if not comp.on_device:
+                    self._restore(comp)
+        gib = sum(c.nbytes for c in ms.components) / GiB
+        logger.info("loaded model set %s: %.2f GiB of weights in %.2f s", ms.name, gib, ms.load_seconds)
+
+    def _host_buffer(self, comp: _Component) -> torch.Tensor:
+        if comp.host is None:
+            t0 = time.perf_counter()
+            try:
+                comp.host = torch.empty(comp.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+            except RuntimeError as exc:  # not enough pinnable memory: slower, but still correct
+                logger.warning("could not pin %.2f GiB for %s (%s); using pageable memory", comp.nbytes / GiB, comp.key, exc)
+                comp.host = torch.empty(comp.nbytes, dtype=torch.uint8)
+            logger.info(
+                "allocated %s host buffer for %s: %.2f GiB in %.2f s",
+                "pinned" if comp.host.is_pinned() else "pageable",
+                comp.key,
+                comp.nbytes / GiB,
+                time.perf_counter() - t0,
+            )
+        return comp.host
+
+    @staticmethod
+    def _view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        raw = flat[slot.offset : slot.offset + slot.nbytes]
+        if slot.nbytes == 0:
+            return torch.empty(slot.shape, dtype=slot.dtype, device=flat.device)
+        return raw.view(slot.dtype).view(slot.shape)
+
+    def _park(self, comp: _Component) -> None:
+        t0 = time.perf_counter()
+        host = self._host_buffer(comp)
+        if comp.device_flat is not None:
+            host.copy_(comp.device_flat, non_blocking=True)
+        else:
+            for slot in comp.slots:
+                if slot.nbytes:
+                    self._view(host, slot).copy_(slot.tensor.data, non_blocking=True)
+        self._sync()  # the copies must land before the device memory can be reused
+        for slot in comp.slots:
+            slot.tensor.data = self._view(host, slot)
+        comp.device_flat = None
+        comp.on_device = False
+        self._parked_bytes += comp.nbytes
+        dt = time.perf_counter() - t0
+        self._move_seconds += dt
+        logger.info("parked %s: %.2f GiB in %.3f s", comp.key, comp.nbytes / GiB, dt)
+
+    def _restore(self, comp: _Component) -> None:
+        t0 = time.perf_counter()
+        host = comp.host
+        if host is None:  # weights that never lived on the device (engine loaded them on the host)
+            host = self._host_buffer(comp)
+            for slot in comp.slots:
+                if slot.nbytes:
+                    self._view(host, slot).copy_(slot.tensor.data)
+        try:
+            flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            self._free_cuda_cache()
+            flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
+        flat.copy_(host, non_blocking=True)
+        for slot in comp.slots:
+            slot.tensor.data = self._view(flat, slot)
+        comp.device_flat = flat
+        comp.on_device = True
+        self._restored_bytes += comp.nbytes
+        self._sync()  # honest timings; the next kernel would wait for the copy anyway
+        dt = time.perf_counter() - t0
+        self._move_seconds += dt
+        logger.info("restored %s: %.2f GiB in %.3f s", comp.key, comp.nbytes / GiB, dt)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _free_cuda_cache(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

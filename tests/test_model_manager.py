@@ -1,0 +1,230 @@
+"""ModelManager behaviour on CPU: the parking mechanics are the same code as on CUDA.
+
+A budget is forced so that parking really happens; the weights must survive every
+round trip bit for bit, Parameter objects must keep their identity (engines hold
+them), and the policy must move the fewest bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from storystudio.errors import GenerationError
+from storystudio.models.model_manager import GiB, ModelManager
+
+MiB = 1024**2
+
+
+class FakeEngine:
+    """An engine with named components of known sizes (float32: 4 bytes/param)."""
+
+    def __init__(self, device: torch.device, sizes_mib: dict[str, float], seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.mods: dict[str, nn.Module] = {}
+        for name, mib in sizes_mib.items():
+            n = int(mib * MiB) // 4
+            lin = nn.Linear(1, 1, bias=False)
+            lin.weight = nn.Parameter(torch.randn(n, 1, generator=g).to(device))
+            lin.register_buffer("scale", torch.full((3,), float(seed)).to(device))
+            self.mods[name] = lin
+        self.device = device
+
+    def components(self) -> dict[str, nn.Module]:
+        return self.mods
+
+    def checksum(self) -> float:
+        return float(sum(m.weight.detach().double().sum() + m.scale.double().sum() for m in self.mods.values()))
+
+
+def make_manager(budget_mib: float | None, loads: list[str]) -> ModelManager:
+    mgr = ModelManager("cpu", budget_gib=None if budget_mib is None else budget_mib * MiB / GiB)
+
+    def loader(name: str, sizes: dict[str, float], seed: int):
+        def load(device: torch.device) -> FakeEngine:
+            loads.append(name)
+            return FakeEngine(device, sizes, seed)
+
+        return load
+
+    # "video": like Wan (big transformer + smaller parts); "image": like Z-Image.
+    mgr.register("video", loader("video", {"transformer": 40, "text_encoder": 12, "vae": 2}, 1), size_hint_bytes=54 * MiB)
+    mgr.register("image", loader("image", {"transformer": 14, "text_encoder": 8, "vae": 1}, 2), size_hint_bytes=23 * MiB)
+    return mgr
+
+
+def test_unlimited_budget_never_parks_and_loads_once():
+    loads: list[str] = []
+    mgr = make_manager(None, loads)
+    img = mgr.ensure("image")
+    vid = mgr.ensure("video")
+    assert mgr.ensure("image") is img and mgr.ensure("video") is vid
+    assert loads == ["image", "video"]
+    st = mgr.stats()
+    assert st.swaps == 0 and st.parked == [] and sorted(st.resident) == ["image", "video"]
+    assert set(st.loads) == {"image", "video"}
+
+
+def test_park_and_restore_preserve_weights_and_identity():
+    loads: list[str] = []
+    mgr = make_manager(70, loads)  # 54 + 23 > 70: something must move
+    img = mgr.ensure("image")
+    img_sum = img.checksum()
+    params = {n: m.weight for n, m in img.components().items()}
+    vid = mgr.ensure("video")
+    vid_sum = vid.checksum()
+    res = mgr.component_residency()
+    # deficit 23+54-70 = 7 MiB: the image text encoder (8 MiB) is the smallest component that covers it
+    assert res["image.text_encoder"] is False and res["image.transformer"] is True, res
+    assert all(res[f"video.{c}"] for c in ("transformer", "text_encoder", "vae"))
+    # Parked weights live in the component's host buffer, same Parameter object.
+    for name, p in params.items():
+        assert img.components()[name].weight is p
+    assert mgr.ensure("image") is img
+    assert img.checksum() == img_sum
+    assert mgr.ensure("video") is vid and vid.checksum() == vid_sum
+    assert loads == ["image", "video"], "a parked set must never be re-read from disk"
+    st = mgr.stats()
+    assert st.swaps >= 2 and st.parked_gib > 0 and st.restored_gib > 0
+
+
+def test_policy_parks_smallest_sufficient_component_of_lru_set():
+    loads: list[str] = []
+    mgr = make_manager(80, loads)
+    mgr.ensure("video")  # 54 MiB resident
+    # image needs 23 MiB + 10 working = 33; free = 26 -> deficit 7 MiB: the vae (2) is too small,
+    # the text encoder (12) is the smallest component that covers it.
+    mgr.ensure("image", working_bytes=10 * MiB)
+    res = mgr.component_residency()
+    assert res == {
+        "video.transformer": True,
+        "video.text_encoder": False,
+        "video.vae": True,
+        "image.transformer": True,
+        "image.text_encoder": True,
+        "image.vae": True,
+    }
+
+
+def test_policy_parks_largest_first_when_no_single_component_suffices():
+    loads: list[str] = []
+    mgr = make_manager(60, loads)
+    mgr.ensure("video")
+    mgr.ensure("image", working_bytes=30 * MiB)  # needs 53, free 6: deficit 47 > 40 -> transformer, then 12
+    res = mgr.component_residency()
+    assert res["video.transformer"] is False and res["video.text_encoder"] is False and res["video.vae"] is True
+
+
+def test_working_bytes_make_more_room():
+    loads: list[str] = []
+    mgr = make_manager(100, loads)
+    mgr.ensure("image")
+    mgr.ensure("video", working_bytes=0)
+    assert all(mgr.component_residency().values()), "77 MiB fits in 100"
+    mgr.ensure("video", working_bytes=30 * MiB)
+    res = mgr.component_residency()
+    assert res["image.text_encoder"] is False and res["image.transformer"] is True, res
+
+
+def test_oom_retry_parks_others_then_succeeds():
+    loads: list[str] = []
+    mgr = make_manager(None, loads)
+    mgr.ensure("image")
+    calls = []
+
+    def flaky(engine):
+        calls.append(dict(mgr.component_residency()))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "ok"
+
+    assert mgr.run("video", flaky) == "ok"
+    assert calls[1]["image.transformer"] is False, "the retry must run with every other set parked"
+    assert mgr.stats().oom_retries == 1
+
+
+def test_second_oom_fails_job_with_code_and_worker_stays_usable():
+    loads: list[str] = []
+    mgr = make_manager(None, loads)
+
+    def always_oom(engine):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(GenerationError) as ei:
+        mgr.run("video", always_oom)
+    assert ei.value.code == "out_of_memory"
+    assert "out of memory" in ei.value.message.lower() and "video" in ei.value.message
+    assert mgr.run("image", lambda e: e.checksum()) == mgr.ensure("image").checksum()
+
+
+def test_loader_failure_propagates_and_can_be_retried():
+    mgr = ModelManager("cpu")
+    attempts = []
+
+    def bad(device):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise FileNotFoundError("missing shard")
+        return FakeEngine(device, {"m": 1}, 3)
+
+    mgr.register("x", bad)
+    with pytest.raises(FileNotFoundError):
+        mgr.ensure("x")
+    assert not mgr.is_loaded("x")
+    assert mgr.ensure("x").checksum() != 0 and len(attempts) == 2
+
+
+def test_unknown_set_and_duplicate_registration():
+    mgr = make_manager(None, [])
+    with pytest.raises(KeyError, match="unknown model set 'audio'"):
+        mgr.ensure("audio")
+    with pytest.raises(ValueError, match="already registered"):
+        mgr.register("image", lambda d: None)
+
+
+def test_one_generation_at_a_time():
+    mgr = make_manager(70, [])
+    active = []
+    overlap = []
+
+    def work(engine):
+        active.append(1)
+        if len(active) > 1:
+            overlap.append(1)
+        time.sleep(0.01)
+        active.pop()
+        return engine.checksum()
+
+    threads = [threading.Thread(target=mgr.run, args=(n, work)) for n in ["image", "video"] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlap
+
+
+def test_tied_weights_share_one_slot():
+    class Tied:
+        def __init__(self, device):
+            emb = nn.Embedding(10, 4).to(device)
+            head = nn.Linear(4, 10, bias=False).to(device)
+            head.weight = emb.weight
+            self.m = nn.ModuleDict({"emb": emb, "head": head})
+
+        def components(self):
+            return {"lm": self.m}
+
+    mgr = ModelManager("cpu", budget_gib=1e-9)
+    mgr.register("a", Tied)
+    mgr.register("b", lambda d: FakeEngine(d, {"m": 0.001}, 5))
+    a = mgr.ensure("a")
+    w = a.m["emb"].weight.detach().clone()
+    mgr.ensure("b")
+    assert mgr.component_residency()["a.lm"] is False
+    mgr.ensure("a")
+    assert a.m["head"].weight is a.m["emb"].weight
+    assert torch.equal(a.m["head"].weight, w)
