@@ -21,7 +21,13 @@ class StoryStudioError(Exception):
             self.code = code
 
     def to_result(self) -> dict[str, str]:
-        return {"error": self.message, "code": self.code}
+        """``{"error": "<code>: <message>", "code": "<code>"}``.
+
+        The code is repeated at the front of the message because RunPod keeps only
+        the ``error`` string of a failed job in some responses (``/runsync`` of the
+        local test API drops everything else); callers can always recover it.
+        """
+        return {"error": f"{self.code}: {self.message}", "code": self.code}
 
 
 class InvalidInput(StoryStudioError):

@@ -1,0 +1,32 @@
+"""RunPod serverless entry point for the Story Studio worker.
+
+Kept thin on purpose: configuration comes from env vars (storystudio.config), the
+job logic lives in storystudio.worker. Run locally with the RunPod test API:
+
+    python handler.py --rp_serve_api --rp_api_port 8000
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import runpod
+
+from storystudio.config import WorkerSettings
+from storystudio.progress import runpod_sink
+from storystudio.worker import Worker
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("STORYSTUDIO_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    worker = Worker.from_settings(WorkerSettings.from_env(), sink=runpod_sink())
+    worker.prewarm()
+    runpod.serverless.start({"handler": worker.handle})
+
+
+if __name__ == "__main__":
+    main()

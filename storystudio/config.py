@@ -1,0 +1,85 @@
+"""Worker configuration, read once from environment variables.
+
+Every knob an operator can turn is an env var named ``STORYSTUDIO_*`` (storage
+also accepts RunPod's ``BUCKET_*`` names, see :mod:`storystudio.storage`). The
+README's Configuration table lists them all; this module is where the worker
+reads the ones that are not owned by a more specific module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from storystudio.errors import InvalidInput
+from storystudio.inputs import InputLimits
+from storystudio.storage import StorageSettings
+
+DEFAULT_MODELS_DIR = "/runpod-volume/models"
+Prewarm = Literal["none", "image", "video"]
+
+
+def _float_or_none(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidInput(f"environment variable {name}={raw!r} is not a number", code="invalid_config") from None
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker process needs to start.
+
+    ``models_dir`` is the network volume (``/runpod-volume/models``); the two model
+    folders default to the official repository names inside it.
+    """
+
+    models_dir: Path
+    zimage_dir: Path
+    wan_dir: Path
+    device: str
+    vram_budget_gib: float | None
+    vram_reserve_gib: float
+    prewarm: Prewarm
+    max_audio_seconds: float
+    return_base64_max_kb: int
+    inputs: InputLimits = field(default_factory=InputLimits)
+    storage: StorageSettings | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        env = os.environ if env is None else env
+        models = Path(env.get("STORYSTUDIO_MODELS_DIR") or DEFAULT_MODELS_DIR)
+        prewarm = (env.get("STORYSTUDIO_PREWARM") or "none").strip().lower()
+        if prewarm not in ("none", "image", "video"):
+            raise InvalidInput(
+                f"STORYSTUDIO_PREWARM must be none, image or video, not {prewarm!r}", code="invalid_config"
+            )
+        reserve = _float_or_none(env, "STORYSTUDIO_VRAM_HEADROOM_GB")
+        max_audio = _float_or_none(env, "STORYSTUDIO_MAX_AUDIO_SECONDS")
+        b64 = _float_or_none(env, "STORYSTUDIO_RETURN_BASE64_MAX_KB")
+        return cls(
+            models_dir=models,
+            zimage_dir=Path(env.get("STORYSTUDIO_ZIMAGE_DIR") or models / "Z-Image-Turbo"),
+            wan_dir=Path(env.get("STORYSTUDIO_WAN_DIR") or models / "Wan2.2-S2V-14B"),
+            device=(env.get("STORYSTUDIO_DEVICE") or "").strip() or _default_device(),
+            vram_budget_gib=_float_or_none(env, "STORYSTUDIO_VRAM_BUDGET_GB"),
+            vram_reserve_gib=1.5 if reserve is None else reserve,
+            prewarm=prewarm,  # type: ignore[arg-type]
+            max_audio_seconds=120.0 if max_audio is None else max_audio,
+            return_base64_max_kb=2048 if b64 is None else int(b64),
+            inputs=InputLimits.from_env(env),
+            storage=StorageSettings.from_env(env),
+        )
