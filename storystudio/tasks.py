@@ -116,7 +116,10 @@ _TASK_ADAPTER: TypeAdapter[Task] = TypeAdapter(Task)
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors(include_url=False)[:8]:
-        loc = ".".join(str(x) for x in e["loc"] if x not in TASKS) or "input"
+        path = list(e["loc"])
+        if path and path[0] in TASKS:  # the discriminator's tag, not a field
+            path = path[1:]
+        loc = ".".join(str(x) for x in path) or "input"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
