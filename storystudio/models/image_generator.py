@@ -1,0 +1,241 @@
+"""Z-Image-Turbo text-to-image engine on the official diffusers pipeline.
+
+Weights live in three ``nn.Module`` components (transformer, text_encoder, vae) that
+the ModelManager may park in pinned host memory and bring back by reassigning
+``param.data`` / buffers. This engine therefore keeps no other reference to weight
+tensors, never calls ``pipe.to()`` and reads the device from ``self.device`` at call
+time. ``ZImagePipeline._execution_device`` is derived from the components' parameters,
+so it follows the weights wherever the manager put them; ``generate`` checks that they
+are all on ``self.device`` before running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from storystudio.errors import CheckpointError, GenerationError, InvalidInput
+from storystudio.models.checkpoints.zimage import validate_zimage
+
+log = logging.getLogger(__name__)
+
+MIN_SIZE = 256
+MAX_SIZE = 2048
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**63 - 1
+# Official Turbo recipe: 8 DiT forwards (this diffusers' default sigmas give one
+# forward per step), guidance_scale 0.0 -- the distilled model needs no CFG.
+DEFAULT_STEPS = 8
+DEFAULT_GUIDANCE = 0.0
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int | None = None
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image
+    seed: int
+    width: int
+    height: int
+    seconds: float
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class ZImageGenerator:
+    """Text-to-image with Z-Image-Turbo. Build with :meth:`from_pretrained`."""
+
+    name = "zimage"
+
+    def __init__(self, pipe, *, device: torch.device, dtype: torch.dtype, path: Path) -> None:
+        self._pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.path = path
+        pipe.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> ZImageGenerator:
+        """Validate the folder, then load the official components onto ``device``.
+
+        Each weight component is loaded explicitly with ``device_map`` set to the target
+        device on CUDA, so safetensors are read straight into GPU memory (no full host
+        copy), then handed to ``ZImagePipeline.from_pretrained`` which only loads the
+        tokenizer and scheduler itself.
+        """
+        from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+        from transformers import Qwen3Model
+
+        root = Path(path)
+        validate_zimage(root)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        dtype = dtype or _default_dtype(device)
+        # A single-device map loads tensors directly on that device.
+        kw = {"device_map": str(device)} if device.type != "cpu" else {}
+        t0 = time.perf_counter()
+        try:
+            transformer = ZImageTransformer2DModel.from_pretrained(root, subfolder="transformer", dtype=dtype, **kw)
+            text_encoder = Qwen3Model.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype, **kw)
+            pipe = ZImagePipeline.from_pretrained(
+                root, transformer=transformer, text_encoder=text_encoder, vae=vae, dtype=dtype
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"Z-Image-Turbo checkpoint at {root} could not be loaded: {type(exc).__name__}: {exc}",
+                code="checkpoint_corrupt",
+            ) from exc
+        for module in (transformer, text_encoder, vae):
+            _drop_accelerate_hooks(module)
+            module.eval().requires_grad_(False)
+            # Place anything left behind (e.g. non-persistent buffers) on the device.
+            _place(module, device)
+        log.info("Z-Image-Turbo loaded from %s on %s (%s) in %.1fs", root, device, dtype, time.perf_counter() - t0)
+        return cls(pipe, device=device, dtype=dtype, path=root)
+
+    # ------------------------------------------------------------------ contract
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {
+            "transformer": self._pipe.transformer,
+            "text_encoder": self._pipe.text_encoder,
+            "vae": self._pipe.vae,
+        }
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixel multiple the pipeline needs: vae_scale_factor * 2 (patch size) = 16."""
+        return int(self._pipe.vae_scale_factor) * 2
+
+    # ------------------------------------------------------------------ generation
+    def validate(self, request: ImageRequest) -> None:
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise InvalidInput("prompt must be a non-empty string")
+        if not isinstance(request.negative_prompt, str):
+            raise InvalidInput("negative_prompt must be a string")
+        m = self.vae_scale
+        for field in ("width", "height"):
+            v = getattr(request, field)
+            if not _is_int(v):
+                raise InvalidInput(f"{field} must be an integer, got {v!r}")
+            if not MIN_SIZE <= v <= MAX_SIZE:
+                raise InvalidInput(f"{field} must be between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+            if v % m:
+                raise InvalidInput(f"{field} must be a multiple of {m}, got {v}")
+        if not _is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
+            raise InvalidInput(f"steps must be an integer between 1 and {MAX_STEPS}, got {request.steps!r}")
+        g = request.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+            raise InvalidInput(f"guidance must be a number between 0 and {MAX_GUIDANCE}, got {g!r}")
+        if request.seed is not None and (not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
+            raise InvalidInput(f"seed must be an integer between 0 and {MAX_SEED}, got {request.seed!r}")
+
+    def _check_placement(self) -> None:
+        for name, module in self.components().items():
+            for p in module.parameters():
+                if p.device != self.device:
+                    raise GenerationError(
+                        f"{name} weights are on {p.device}, not on {self.device}: the model is not resident",
+                        code="generation_failed",
+                    )
+                break
+
+    def generate(
+        self,
+        request: ImageRequest,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ImageResult:
+        self.validate(request)
+        self._check_placement()
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        steps = request.steps
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            if progress is not None:
+                progress(i + 1, steps)
+            return {}
+
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self._pipe(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt or None,
+                    height=request.height,
+                    width=request.width,
+                    num_inference_steps=steps,
+                    guidance_scale=float(request.guidance),
+                    generator=generator,
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=[],
+                    output_type="pil",
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GenerationError(f"out of GPU memory generating {request.width}x{request.height}: {exc}",
+                                  code="out_of_memory") from exc
+        except (RuntimeError, ValueError) as exc:
+            raise GenerationError(f"image generation failed: {type(exc).__name__}: {exc}") from exc
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        image = out.images[0]
+        if image.size != (request.width, request.height):  # pragma: no cover - pipeline contract
+            raise GenerationError(f"pipeline returned {image.size}, expected {(request.width, request.height)}")
+        return ImageResult(image=image, seed=seed, width=request.width, height=request.height, seconds=seconds)
+
+
+def _drop_accelerate_hooks(module: torch.nn.Module) -> None:
+    """Remove accelerate dispatch hooks, if a loader attached any.
+
+    Hooks would keep their own idea of the execution device; the ModelManager moves
+    weights itself, so the modules must be plain.
+    """
+    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module, recurse=True)
+
+
+def _place(module: torch.nn.Module, device: torch.device) -> None:
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+        for p in sub._parameters.values():
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
