@@ -1,0 +1,285 @@
+"""Every workaround the Story Studio engine needs around the official Wan2.2 code.
+
+The ``wan22`` wheel (import name ``wan``) is installed with ``--no-deps`` because its
+metadata hard-pins flash_attn, torchvision, decord, opencv and dashscope. Of the
+official code the engine only uses the S2V transformer, the umt5 text encoder, the
+Wan2.1 VAE, the wav2vec2 audio encoder and the flow-matching schedulers; this module
+makes exactly those importable and runnable on a machine without CUDA:
+
+* :func:`import_wan` registers package stubs for ``wan`` (and its sub-packages whose
+  ``__init__`` pulls the unused heavy pipelines) whose ``__path__`` is the installed
+  folder, so ``wan/__init__.py`` (image2video/speech2video/animate → torchvision,
+  decord, opencv) never runs. ``wan/modules/t5.py`` evaluates
+  ``torch.cuda.current_device()`` as a default argument at import; that call is
+  patched for the duration of the import when CUDA is absent.
+* Attention: the official ``flash_attention`` asserts CUDA and flash_attn. When neither
+  flash-attn 3 (``flash_attn_interface``) nor flash-attn 2 (``flash_attn``) is
+  importable, :func:`sdpa_flash_attention` (torch SDPA honouring ``q_lens``/``k_lens``
+  as padding masks, flash-attn varlen semantics) is bound to the name
+  ``flash_attention`` in every official module that imported it.
+* :func:`attention_backend` tells which one is active (for logs and the bench).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import math
+import sys
+import threading
+import types
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["fa3", "fa2", "sdpa"]
+
+# Packages whose __init__ must not run (they import the unused pipelines or
+# everything in a folder); they are registered as bare namespace-like stubs.
+_STUB_PACKAGES = ("wan", "wan.modules", "wan.configs", "wan.utils", "wan.distributed", "wan.modules.s2v")
+
+# What the engine needs, in import order.
+_NEEDED = (
+    "wan.modules.attention",
+    "wan.modules.t5",
+    "wan.modules.tokenizers",
+    "wan.modules.vae2_1",
+    "wan.modules.model",
+    "wan.modules.s2v.auxi_blocks",
+    "wan.modules.s2v.motioner",
+    "wan.modules.s2v.audio_utils",
+    "wan.modules.s2v.audio_encoder",
+    "wan.modules.s2v.model_s2v",
+    "wan.utils.fm_solvers",
+    "wan.utils.fm_solvers_unipc",
+    "wan.configs.shared_config",
+    "wan.configs.wan_s2v_14B",
+)
+
+# Official modules that did ``from .attention import flash_attention`` (or from
+# ``..model``): the name must be rebound in each of them.
+_FLASH_IMPORTERS = (
+    "wan.modules.attention",
+    "wan.modules.model",
+    "wan.modules.s2v.model_s2v",
+    "wan.modules.s2v.motioner",
+    "wan.distributed.ulysses",
+)
+
+_lock = threading.RLock()
+_done = False
+_backend: Backend | None = None
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def attention_backend() -> Backend:
+    """Which attention the official modules use: ``fa3``, ``fa2`` or ``sdpa`` (torch)."""
+    global _backend
+    if _backend is None:
+        if _module_available("flash_attn_interface"):
+            _backend = "fa3"
+        elif _module_available("flash_attn"):
+            _backend = "fa2"
+        else:
+            _backend = "sdpa"
+    return _backend
+
+
+def wan_root() -> Path:
+    """The folder of the installed ``wan`` package (without importing it)."""
+    spec = importlib.util.find_spec("wan") if "wan" not in sys.modules else sys.modules["wan"].__spec__
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the official Wan2.2 code is not installed (pip install --no-deps wan22)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _register_stub(name: str, folder: Path) -> None:
+    existing = sys.modules.get(name)
+    if existing is not None:
+        return  # already imported (stub or the real package): leave it
+    spec = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    mod = types.ModuleType(name)
+    mod.__spec__ = spec
+    mod.__path__ = [str(folder)]
+    mod.__package__ = name
+    mod.__file__ = None
+    sys.modules[name] = mod
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, mod)
+
+
+def import_wan() -> types.ModuleType:
+    """Make the needed official modules importable (idempotent); returns the ``wan`` stub.
+
+    Works without CUDA. After this call, e.g. ``from wan.modules.s2v.model_s2v import
+    WanModel_S2V`` works and its attention runs on the active :func:`attention_backend`.
+    """
+    global _done
+    with _lock:
+        if _done:
+            return sys.modules["wan"]
+        root = wan_root()
+        for name in _STUB_PACKAGES:
+            rel = name.split(".")[1:]
+            _register_stub(name, root.joinpath(*rel))
+
+        patched_current_device = False
+        orig_current_device = torch.cuda.current_device
+        if not torch.cuda.is_available():
+            # t5.py: ``def __init__(..., device=torch.cuda.current_device(), ...)``
+            torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+            patched_current_device = True
+        try:
+            with warnings.catch_warnings():
+                # torch.cuda.amp.autocast decorators in the official code are deprecated.
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.cuda\.amp")
+                for name in _NEEDED:
+                    importlib.import_module(name)
+        finally:
+            if patched_current_device:
+                torch.cuda.current_device = orig_current_device  # type: ignore[assignment]
+
+        backend = attention_backend()
+        if backend == "sdpa":
+            for name in _FLASH_IMPORTERS:
+                mod = sys.modules.get(name)
+                if mod is None:
+                    try:
+                        mod = importlib.import_module(name)
+                    except ImportError:  # pragma: no cover - optional module
+                        continue
+                if hasattr(mod, "flash_attention"):
+                    mod.flash_attention = sdpa_flash_attention
+        log.info("wan22 imported from %s (attention backend: %s)", root, backend)
+        _done = True
+        return sys.modules["wan"]
+
+
+def sdpa_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_lens: torch.Tensor | None = None,
+    k_lens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    q_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    deterministic: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    version: int | None = None,
+) -> torch.Tensor:
+    """Drop-in for ``wan.modules.attention.flash_attention`` on torch SDPA.
+
+    q: [B, Lq, Nq, C1], k: [B, Lk, Nk, C1], v: [B, Lk, Nk, C2] (Nq divisible by Nk).
+    Varlen semantics of flash-attn: keys at positions ``>= k_lens[b]`` are ignored,
+    queries at positions ``>= q_lens[b]`` produce zeros. ``causal`` and
+    ``window_size`` are aligned bottom-right like flash-attn. On CUDA non-half inputs
+    are cast to ``dtype`` as the official function does; on CPU the math runs in the
+    promoted dtype of q/k/v (float32 for a float32 model). Returns [B, Lq, Nq, C2] in
+    q's dtype.
+    """
+    out_dtype = q.dtype
+    b, lq, nq, _ = q.shape
+    lk, nk = k.size(1), k.size(2)
+    device = q.device
+    half_dtypes = (torch.float16, torch.bfloat16)
+    if device.type == "cuda":
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x if x.dtype in half_dtypes else x.to(dtype)
+        q, k, v = cast(q), cast(k), cast(v)
+        compute = v.dtype
+    else:
+        compute = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if q_scale is not None:
+        q = q * q_scale
+
+    def lens(x: torch.Tensor | None, full: int) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x = torch.as_tensor(x).to(device=device, dtype=torch.long).reshape(-1)
+        return None if bool((x >= full).all()) else x.clamp(0, full)
+
+    ql, kl = lens(q_lens, lq), lens(k_lens, lk)
+    local = window_size is not None and tuple(window_size) != (-1, -1)
+
+    mask = None
+    if kl is not None or ql is not None or causal or local:
+        kpos = torch.arange(lk, device=device)
+        qpos = torch.arange(lq, device=device)
+        k_valid = kl if kl is not None else torch.full((b,), lk, device=device, dtype=torch.long)
+        q_valid = ql if ql is not None else torch.full((b,), lq, device=device, dtype=torch.long)
+        mask = kpos.view(1, 1, lk) < k_valid.view(b, 1, 1)  # [B, 1, Lk]
+        mask = mask.expand(b, lq, lk)
+        if causal or local:
+            # flash-attn aligns the diagonal bottom-right: query i sees key j when
+            # j <= i + (k_len - q_len) (causal), within [-left, +right] of it (window).
+            diag = qpos.view(1, lq, 1) + (k_valid - q_valid).view(b, 1, 1)
+            rel = kpos.view(1, 1, lk) - diag
+            left, right = (window_size if local else (-1, -1))
+            if causal:
+                right = 0
+            if right >= 0:
+                mask = mask & (rel <= right)
+            if left >= 0:
+                mask = mask & (rel >= -left)
+        mask = mask.unsqueeze(1)  # [B, 1, Lq, Lk]
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if nk != nq:
+        rep = nq // nk
+        kt = kt.repeat_interleave(rep, dim=1)
+        vt = vt.repeat_interleave(rep, dim=1)
+
+    if mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, scale=softmax_scale)
+    else:
+        # A query row with no visible key would give NaN: let it see everything and
+        # zero it afterwards (flash-attn returns zeros there).
+        empty = ~mask.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
+        safe = mask | empty
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=safe, dropout_p=dropout_p, scale=softmax_scale)
+        out = out.masked_fill(empty, 0.0)
+    out = out.transpose(1, 2)  # [B, Lq, Nq, C2]
+    if ql is not None:
+        qmask = torch.arange(lq, device=device).view(1, lq) < ql.view(b, 1)
+        out = out * qmask.view(b, lq, 1, 1).to(out.dtype)
+    return out.contiguous().type(out_dtype)
+
+
+def reference_attention(q, k, v, q_lens=None, k_lens=None, softmax_scale=None) -> torch.Tensor:
+    """Explicit masked softmax in float64 (test oracle for :func:`sdpa_flash_attention`)."""
+    b, lq, nq, c = q.shape
+    lk, nk = k.size(1), k.size(2)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    if nk != nq:
+        k64 = k64.repeat_interleave(nq // nk, dim=2)
+        v64 = v64.repeat_interleave(nq // nk, dim=2)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(c)
+    out = torch.zeros(b, lq, nq, v.size(-1), dtype=torch.float64)
+    for i in range(b):
+        ql = lq if q_lens is None else int(q_lens[i])
+        kl = lk if k_lens is None else int(k_lens[i])
+        if ql == 0 or kl == 0:
+            continue
+        s = torch.einsum("qnc,knc->nqk", q64[i, :ql], k64[i, :kl]) * scale
+        p = torch.softmax(s, dim=-1)
+        out[i, :ql] = torch.einsum("nqk,knc->qnc", p, v64[i, :kl])
+    return out
