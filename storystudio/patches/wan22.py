@@ -283,3 +283,21 @@ def reference_attention(q, k, v, q_lens=None, k_lens=None, softmax_scale=None) -
         p = torch.softmax(s, dim=-1)
         out[i, :ql] = torch.einsum("nqk,knc->qnc", p, v64[i, :kl])
     return out
+
+
+def make_wan21_vae(model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype = torch.float32):
+    """The official ``Wan2_1_VAE`` wrapper around an already-loaded ``WanVAE_``.
+
+    ``Wan2_1_VAE.__init__`` hard-codes the width (``dim=96``) and loads the ``.pth``
+    itself; here its ``_video_vae`` factory is swapped for the duration of the call so
+    the official wrapper (latent mean/std, encode/decode) is kept for any width.
+    """
+    import_wan()
+    vae2_1 = sys.modules["wan.modules.vae2_1"]
+    orig = vae2_1._video_vae
+    with _lock:
+        vae2_1._video_vae = lambda pretrained_path=None, z_dim=None, device="cpu", **kw: model
+        try:
+            return vae2_1.Wan2_1_VAE(z_dim=model.z_dim, vae_pth=None, dtype=dtype, device=device)
+        finally:
+            vae2_1._video_vae = orig
