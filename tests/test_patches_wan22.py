@@ -1,0 +1,92 @@
+"""wan22 patches: stub import without CUDA/heavy deps, SDPA attention with varlen padding masks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from storystudio.patches import wan22
+
+
+def test_import_wan_without_cuda_or_heavy_deps():
+    # A fresh interpreter where CUDA is hidden: the stubs keep wan/__init__.py (and
+    # torchvision/decord/cv2 through it) from running, t5.py's default argument works.
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: False\n"
+        "def boom(): raise AssertionError('CUDA touched')\n"
+        "torch.cuda.current_device = boom\n"
+        "from storystudio.patches import wan22\n"
+        "w = wan22.import_wan(); assert wan22.import_wan() is w\n"
+        "from wan.modules.s2v.model_s2v import WanModel_S2V\n"
+        "from wan.modules.t5 import T5EncoderModel\n"
+        "from wan.modules.vae2_1 import Wan2_1_VAE\n"
+        "from wan.modules.s2v.audio_encoder import AudioEncoder\n"
+        "from wan.utils.fm_solvers_unipc import FlowUniPCMultistepScheduler\n"
+        "from wan.configs.wan_s2v_14B import s2v_14B\n"
+        "assert torch.cuda.current_device is boom\n"
+        "bad = [m for m in ('wan.speech2video', 'wan.image2video', 'wan.animate', 'torchvision', 'decord', 'cv2')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print(wan22.attention_backend())\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] in ("fa3", "fa2", "sdpa")
+
+
+def test_flash_attention_rebound_in_every_importing_module():
+    wan22.import_wan()
+    if wan22.attention_backend() != "sdpa":
+        pytest.skip("flash-attn present: the official path is kept")
+    for name in ("wan.modules.attention", "wan.modules.model", "wan.modules.s2v.model_s2v",
+                 "wan.modules.s2v.motioner", "wan.distributed.ulysses"):
+        assert sys.modules[name].flash_attention is wan22.sdpa_flash_attention, name
+
+
+@pytest.mark.parametrize(
+    "b,lq,lk,nq,nk,c,q_lens,k_lens",
+    [
+        (1, 7, 7, 2, 2, 8, None, None),
+        (2, 5, 9, 4, 4, 16, None, [9, 4]),
+        (3, 6, 6, 2, 2, 8, [6, 3, 1], [6, 2, 5]),
+        (2, 4, 11, 4, 2, 8, [2, 4], [11, 7]),  # grouped-query heads
+        (2, 3, 5, 2, 2, 4, [3, 2], [0, 5]),  # a sample with no keys -> zeros
+    ],
+)
+def test_sdpa_shim_matches_masked_softmax_reference(b, lq, lk, nq, nk, c, q_lens, k_lens):
+    g = torch.Generator().manual_seed(lq * 100 + lk)
+    q = torch.randn(b, lq, nq, c, generator=g)
+    k = torch.randn(b, lk, nk, c, generator=g)
+    v = torch.randn(b, lk, nk, c + 2, generator=g)
+    ql = None if q_lens is None else torch.tensor(q_lens, dtype=torch.int32)
+    kl = None if k_lens is None else torch.tensor(k_lens, dtype=torch.int32)
+    got = wan22.sdpa_flash_attention(q, k, v, q_lens=ql, k_lens=kl)
+    want = wan22.reference_attention(q, k, v, q_lens=ql, k_lens=kl)
+    assert got.shape == (b, lq, nq, c + 2) and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # Padding really is ignored: garbage beyond k_lens changes nothing.
+    if kl is not None:
+        k2, v2 = k.clone(), v.clone()
+        for i, n in enumerate(k_lens):
+            k2[i, n:] = 1e3
+            v2[i, n:] = -1e3
+        torch.testing.assert_close(wan22.sdpa_flash_attention(q, k2, v2, q_lens=ql, k_lens=kl), got)
+
+
+def test_sdpa_shim_scale_and_causal():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=g) for _ in range(3))
+    got = wan22.sdpa_flash_attention(q, k, v, softmax_scale=0.3)
+    torch.testing.assert_close(got.double(), wan22.reference_attention(q, k, v, softmax_scale=0.3),
+                               atol=1e-5, rtol=1e-5)
+    causal = wan22.sdpa_flash_attention(q, k, v, causal=True)
+    # First query only sees the first key.
+    torch.testing.assert_close(causal[0, 0], v[0, 0])
