@@ -1,0 +1,122 @@
+# syntax=docker/dockerfile:1
+#
+# Story Studio RunPod serverless worker: Z-Image-Turbo images + Wan2.2-S2V videos.
+#
+#   docker build -t storystudio .                          # models come from the network volume
+#   docker build --build-arg BAKE_MODELS=1 -t storystudio:baked .   # ~67 GB of weights inside the image
+#   (with BAKE_MODELS=1, an HF token can be given as a build secret:
+#    --secret id=hf_token,env=HF_TOKEN; it never lands in a layer)
+#
+# The version ARGs below must agree with each other: the flash-attn wheel is a
+# compiled extension tied to the base image's torch (major.minor), CUDA (major),
+# CPython and C++ ABI. The build checks them against the real base image before
+# installing anything, and tests/test_deployment.py checks them statically.
+# Official flash-attn wheels (github.com/Dao-AILab/flash-attention releases,
+# v2.8.3) exist for torch <= 2.8; the pytorch/pytorch images ship CPython 3.11
+# and pip-built torch, which uses the C++11 ABI since torch 2.7.
+
+ARG TORCH_VERSION=2.8.0
+ARG CUDA_VERSION=12.8
+ARG CUDNN_VERSION=9
+ARG PYTHON_VERSION=3.11
+ARG FLASH_ATTN_VERSION=2.8.3
+ARG FLASH_ATTN_WHEEL=flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp311-cp311-linux_x86_64.whl
+# 0: read the models from the network volume (/runpod-volume/models); 1: bake them into /models
+ARG BAKE_MODELS=0
+
+FROM pytorch/pytorch:${TORCH_VERSION}-cuda${CUDA_VERSION}-cudnn${CUDNN_VERSION}-runtime AS base
+ARG TORCH_VERSION
+ARG CUDA_VERSION
+ARG PYTHON_VERSION
+ARG FLASH_ATTN_VERSION
+ARG FLASH_ATTN_WHEEL
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# Fail fast, with the reason, if the base image is not what the ARGs say; then
+# pin its torch so no later pip install can replace it.
+RUN python - <<'EOF'
+import os, sys, torch
+e = os.environ
+py = f"{sys.version_info.major}.{sys.version_info.minor}"
+torch_release = torch.__version__.split("+")[0]
+cuda = torch.version.cuda or ""
+abi = "TRUE" if torch.compiled_with_cxx11_abi() else "FALSE"
+tag = "cp" + py.replace(".", "")
+expected_wheel = (
+    f"flash_attn-{e['FLASH_ATTN_VERSION']}+cu{cuda.split('.')[0]}"
+    f"torch{'.'.join(torch_release.split('.')[:2])}cxx11abi{abi}-{tag}-{tag}-linux_x86_64.whl"
+)
+problems = []
+if py != e["PYTHON_VERSION"]:
+    problems.append(f"python is {py}, PYTHON_VERSION says {e['PYTHON_VERSION']}")
+if torch_release != e["TORCH_VERSION"]:
+    problems.append(f"torch is {torch.__version__}, TORCH_VERSION says {e['TORCH_VERSION']}")
+if not cuda.startswith(e["CUDA_VERSION"]):
+    problems.append(f"torch is built for CUDA {cuda!r}, CUDA_VERSION says {e['CUDA_VERSION']}")
+if expected_wheel != e["FLASH_ATTN_WHEEL"]:
+    problems.append(f"this base image needs {expected_wheel}, FLASH_ATTN_WHEEL says {e['FLASH_ATTN_WHEEL']}")
+if problems:
+    sys.exit("base image does not match the Dockerfile ARGs: " + "; ".join(problems))
+with open("/etc/pip-constraints.txt", "w") as f:
+    f.write(f"torch=={torch.__version__}\n")
+print(f"base image OK: python {py}, torch {torch.__version__}, CUDA {cuda}, cxx11abi {abi}")
+EOF
+
+WORKDIR /app
+
+# Dependencies first (a layer that only changes with the requirements files).
+# requirements.txt has no torch on purpose: the constraint keeps the base image's.
+# wan22 pins flash_attn/torchvision/opencv/dashscope in its metadata, hence --no-deps
+# (storystudio/patches/wan22.py replaces what it would have needed them for).
+COPY requirements.txt requirements-wan.txt ./
+RUN pip install -c /etc/pip-constraints.txt -r requirements.txt \
+    && pip install --no-deps -c /etc/pip-constraints.txt \
+        "https://github.com/Dao-AILab/flash-attention/releases/download/v${FLASH_ATTN_VERSION}/${FLASH_ATTN_WHEEL}" \
+    && pip install --no-deps -r requirements-wan.txt \
+    && python -c "import flash_attn, flash_attn_2_cuda; print('flash-attn', flash_attn.__version__)"
+
+# The project itself.
+COPY pyproject.toml README.md handler.py ./
+COPY storystudio ./storystudio
+RUN pip install --no-deps . \
+    && python -c "import torch, handler, storystudio.download; \
+pinned = open('/etc/pip-constraints.txt').read().split('==')[1].strip(); \
+assert torch.__version__ == pinned, f'torch {torch.__version__} replaced the base image torch {pinned}'; \
+print('worker imports OK, torch', torch.__version__)" \
+    && useradd --create-home --shell /usr/sbin/nologin worker \
+    && mkdir -p /app/output \
+    && chown -R worker:worker /app
+
+ENV STORYSTUDIO_MODELS_DIR=/runpod-volume/models \
+    HF_HOME=/home/worker/.cache/huggingface
+
+# ---- models: from the network volume (default) or baked in (BAKE_MODELS=1) ----
+FROM base AS models-0
+
+FROM base AS models-1
+ARG BAKE_MODELS
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ "$BAKE_MODELS" = "1" ]; then \
+        if [ -s /run/secrets/hf_token ]; then export HF_TOKEN="$(cat /run/secrets/hf_token)"; fi; \
+        HF_HUB_OFFLINE=0 storystudio-download --models-dir /models; \
+    fi
+ENV STORYSTUDIO_MODELS_DIR=/models
+
+# ---- the worker ----
+FROM models-${BAKE_MODELS} AS worker
+# Everything is local at run time: never reach for the Hugging Face Hub.
+ENV HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1
+USER worker
+CMD ["python", "-u", "handler.py"]
