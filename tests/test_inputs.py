@@ -195,6 +195,17 @@ def test_download_image_and_audio(base, server):
     assert [p for p, _ in server.seen] == ["/image.png", "/audio.wav"]
 
 
+def test_non_image_bytes_download_but_fail_as_an_image(base):
+    from storystudio.errors import MediaError
+    from storystudio.media import load_image
+
+    data = fetch_bytes(f"{base}/text", kind="image", limits=LOOPBACK, field="scenes[0].image")
+    with pytest.raises(MediaError) as info:
+        load_image(data)
+    assert info.value.code == "invalid_image"
+    assert load_image(fetch_bytes(f"{base}/image.png", kind="image", limits=LOOPBACK)).size == (7, 5)
+
+
 def test_redirect_followed_and_rechecked(base, server):
     got = fetch_bytes(f"{base}/redirect?to=/image.png&status=307", kind="image", limits=ONLY_127)
     assert got == PNG
