@@ -15,7 +15,8 @@ wrong ``Content-Type``, unknown keys/query parameters, out-of-range values → 4
 Jobs are driven by ``/status`` polls, not by wall time, so tests are deterministic: a
 :class:`JobPlan` says how many polls a job stays ``IN_QUEUE``, which progress outputs it
 reports while ``IN_PROGRESS`` (one per poll) and how it ends. The "worker" validates the
-``batch`` input like the real handler and answers the way the runpod SDK reports
+``batch`` input with the real ``storystudio.tasks.parse_job_input``, answers in
+``run_batch``'s output shape, and reports it the way the runpod SDK reports
 handler results (a handler's top-level ``error`` key becomes the job's ``error`` and the
 job is ``FAILED``).
 
@@ -41,6 +42,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from storystudio.errors import StoryStudioError
+from storystudio.tasks import BatchTask, parse_job_input
+
 ENDPOINT_UPDATE_KEYS = {
     "allowedCudaVersions", "cpuFlavorIds", "dataCenterIds", "executionTimeoutMs", "flashboot",
     "gpuCount", "gpuTypeIds", "idleTimeout", "name", "networkVolumeId", "networkVolumeIds",
@@ -49,10 +53,6 @@ ENDPOINT_UPDATE_KEYS = {
 RUN_BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
 POLICY_KEYS = {"executionTimeout", "lowPriority", "ttl"}
 
-SCENE_KEYS = {"scene_id", "prompt", "audio", "video_prompt", "image", "audio_start", "audio_duration"}
-IMAGE_KEYS = {"width", "height", "steps", "guidance", "negative_prompt"}
-VIDEO_KEYS = {"resolution", "steps", "guidance", "shift"}
-BATCH_KEYS = {"task", "project_id", "scenes", "image", "video", "seed"}
 
 
 class BadRequest(Exception):
@@ -81,9 +81,12 @@ class Fault:
 @dataclass
 class JobPlan:
     queue_polls: int = 1
+    # what storystudio.progress.ProgressReporter sends (one update per /status poll)
     progress: list[Any] = field(default_factory=lambda: [
-        {"stage": "images", "done": 0, "total": 2, "message": "loading"},
-        {"stage": "videos", "done": 1, "total": 2, "scene_id": "s1"},
+        {"stage": "images", "done": 0, "total": 2, "elapsed_s": 0.0},
+        {"stage": "swap", "to": "video", "elapsed_s": 2.1},
+        {"stage": "video_clips", "done": 1, "total": 2, "scene_id": "s1", "elapsed_s": 9.4},
+        {"stage": "videos", "done": 1, "total": 2, "scene_id": "s1", "ok": True, "elapsed_s": 20.0},
     ])
     final: str = "COMPLETED"  # COMPLETED | FAILED | TIMED_OUT | NEVER
     output: Any = None  # None: computed by the fake worker from the input
@@ -105,56 +108,43 @@ class Job:
     stream: list[Any] = field(default_factory=list)
 
 
-def _worker_output(inp: Any, plan: JobPlan) -> dict[str, Any]:
-    """What the handler returns for a batch input (or an ``{"error", "code"}`` dict)."""
-    def bad(msg: str) -> dict[str, Any]:
-        return {"error": msg, "code": "invalid_input"}
-
-    if not isinstance(inp, dict):
-        return bad("input must be an object")
-    if set(inp) - BATCH_KEYS:
-        return bad(f"unknown keys {sorted(set(inp) - BATCH_KEYS)}")
-    if inp.get("task") != "batch":
-        return bad("task must be 'batch'")
-    if not isinstance(inp.get("project_id"), str) or not inp["project_id"]:
-        return bad("project_id must be a non-empty string")
-    scenes = inp.get("scenes")
-    if not isinstance(scenes, list) or not scenes:
-        return bad("scenes must be a non-empty list")
-    for sc in scenes:
-        if not isinstance(sc, dict) or set(sc) - SCENE_KEYS:
-            return bad("bad scene object")
-        for key in ("scene_id", "prompt", "audio"):
-            if not isinstance(sc.get(key), str) or not sc[key]:
-                return bad(f"scene.{key} must be a non-empty string")
-        for key in ("video_prompt", "image"):
-            if sc.get(key) is not None and not isinstance(sc[key], str):
-                return bad(f"scene.{key} must be a string")
-        for key in ("audio_start", "audio_duration"):
-            v = sc.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                return bad(f"scene.{key} must be a number")
-    for name, keys in (("image", IMAGE_KEYS), ("video", VIDEO_KEYS)):
-        if inp.get(name) is not None and (not isinstance(inp[name], dict) or set(inp[name]) - keys):
-            return bad(f"bad {name} settings")
-    seed = inp.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        return bad("seed must be an integer")
-    base_seed = seed if seed is not None else 42
+def _worker_output(inp: Any, plan: JobPlan, job_id: str) -> dict[str, Any]:
+    """What ``Worker.handle`` returns for this input: the real schema validation
+    (``storystudio.tasks.parse_job_input``) and ``run_batch``'s output shape, with
+    made-up URLs instead of rendering."""
+    try:
+        task = parse_job_input(inp)
+    except StoryStudioError as exc:
+        return {**exc.to_result(), "job_id": job_id}
+    if not isinstance(task, BatchTask):
+        return {"error": "unsupported_task: the fake worker only runs batches", "code": "unsupported_task",
+                "job_id": job_id}
     out_scenes = []
-    for i, sc in enumerate(scenes):
-        sid = sc["scene_id"]
-        item: dict[str, Any] = {"scene_id": sid, "seed": base_seed + i}
+    for i, sc in enumerate(task.scenes):
+        sid = sc.scene_id
+        seed = sc.seed if sc.seed is not None else (task.seed + i if task.seed is not None else 1000 + i)
+        item: dict[str, Any] = {"scene_id": sid}
+        if sc.image:
+            item["image_source"] = "input"
+        else:
+            item.update(image_source="generated", image_url=f"https://cdn.example/{task.project_id}/{sid}.png",
+                        image_key=f"storystudio/{task.project_id}/{job_id}/{sid}/image.png", image_seed=seed,
+                        image_timings={"generate": 0.9})
         if sid in plan.scene_errors:
             msg, code = plan.scene_errors[sid]
-            item["error"] = {"error": msg, "code": code}
+            item["error"] = {"error": f"{code}: {msg}", "code": code, "stage": "audio"}
         else:
-            item["image_url"] = f"https://cdn.example/{inp['project_id']}/{sid}.png"
-            item["video_url"] = f"https://cdn.example/{inp['project_id']}/{sid}.mp4"
+            item.update(video_url=f"https://cdn.example/{task.project_id}/{sid}.mp4",
+                        video_key=f"storystudio/{task.project_id}/{job_id}/{sid}/video.mp4",
+                        width=832, height=480, frames=96, fps=16, duration_s=6.0, num_clips=2,
+                        video_seed=seed)
         out_scenes.append(item)
+    failed = sum(1 for r in out_scenes if "error" in r)
     return {
-        "project_id": inp["project_id"], "scenes": out_scenes,
-        "images_time": 1.5, "videos_time": 30.25, "swap_time": 2.0, "total_time": 34.0,
+        "project_id": task.project_id, "scenes": out_scenes,
+        "scenes_ok": len(out_scenes) - failed, "scenes_failed": failed,
+        "images_time": 1.5, "swap_time": 2.0, "video_load_time": 0.0, "videos_time": 30.25,
+        "total_time": 34.0, "job_id": job_id, "task": "batch",
         "manager": {"swaps": 1, "resident": ["video"]},
     }
 
@@ -514,7 +504,7 @@ class FakeRunPod:
         if plan.final == "FAILED":
             job.status, job.output, job.error = "FAILED", plan.output, plan.error
             return
-        handler_return = plan.output if plan.output is not None else _worker_output(job.body["input"], plan)
+        handler_return = plan.output if plan.output is not None else _worker_output(job.body["input"], plan, job.id)
         job.status, job.output, job.error = _sdk_result(copy.deepcopy(handler_return))
 
     def _job_view(self, job: Job) -> dict[str, Any]:

@@ -219,9 +219,10 @@ def test_run_status_progress_and_completion(fake, client):
     updates = []
     final = client.wait_for_job(ENDPOINT, job.id, timeout=5, poll=FAST_POLL, on_update=updates.append)
     assert final.status == "COMPLETED" and final.done
-    assert [u.status for u in updates] == ["IN_QUEUE", "IN_PROGRESS", "IN_PROGRESS", "COMPLETED"]
-    assert updates[1].output["stage"] == "images"
+    assert [u.status for u in updates] == ["IN_QUEUE"] + ["IN_PROGRESS"] * 4 + ["COMPLETED"]
+    assert [u.output["stage"] for u in updates[1:5]] == ["images", "swap", "video_clips", "videos"]
     assert final.output["scenes"][0]["video_url"].endswith("/s1.mp4")
+    assert final.output["job_id"] == job.id
     assert final.execution_time_ms == 3400
 
 
