@@ -48,7 +48,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Literal
 
 import urllib3
@@ -92,6 +92,8 @@ class InputLimits:
     max_redirects: int = 3
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = dataclass_field(
+        init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         for name in ("max_image_bytes", "max_audio_bytes", "max_video_bytes"):
@@ -103,8 +105,7 @@ class InputLimits:
         if self.max_redirects < 0:
             raise ValueError(f"InputLimits.max_redirects must be >= 0, got {self.max_redirects}")
         object.__setattr__(self, "allow_networks", tuple(self.allow_networks))
-        for cidr in self.allow_networks:
-            ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad value
+        object.__setattr__(self, "_networks", _parse_networks(self.allow_networks))
 
     def max_bytes(self, kind: Kind) -> int:
         try:
@@ -151,15 +152,19 @@ class InputLimits:
             kwargs["allow_private"] = True
         elif raw not in _FALSE:
             raise ValueError(f"STORYSTUDIO_ALLOW_PRIVATE_URLS={raw!r}: use 1/true or 0/false")
-        nets = [n.strip() for n in env.get("STORYSTUDIO_ALLOW_NETWORKS", "").split(",") if n.strip()]
+        nets = tuple(n.strip() for n in env.get("STORYSTUDIO_ALLOW_NETWORKS", "").split(",") if n.strip())
         if nets:
-            for cidr in nets:
-                try:
-                    ipaddress.ip_network(cidr, strict=False)
-                except ValueError as exc:
-                    raise ValueError(f"STORYSTUDIO_ALLOW_NETWORKS: {exc}") from None
-            kwargs["allow_networks"] = tuple(nets)
+            try:
+                _parse_networks(nets)
+            except ValueError as exc:
+                raise ValueError(f"STORYSTUDIO_ALLOW_NETWORKS: {exc}") from None
+            kwargs["allow_networks"] = nets
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _parse_networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs as networks; a malformed one raises ValueError naming it."""
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -217,7 +222,7 @@ def _address_refusal(ip: str, limits: InputLimits) -> str | None:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
     if limits.allow_private:
         return None
-    if any(addr in ipaddress.ip_network(c, strict=False) for c in limits.allow_networks):
+    if any(addr in net for net in limits._networks):
         return None
     return address_forbidden(addr)
 
