@@ -257,7 +257,7 @@ def test_every_problem_is_reported_at_once(copy):
         assert rel in err.message, rel
 
 
-def test_cli_validate_only(copy, caplog):
+def test_cli_validate_only(copy):
     assert zi.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 0
     (copy / "model_index.json").unlink()
     assert zi.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 1

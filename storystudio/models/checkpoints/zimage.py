@@ -38,6 +38,11 @@ The synthetic writer builds tensor *specs* (names, shapes) by instantiating the
 official classes on the ``meta`` device, then streams random tensors generated on
 ``device`` straight into safetensors files one tensor at a time, so the full profile
 (6.15B-parameter transformer, Qwen3-4B encoder) never lives in host memory.
+
+Measured on a lent H100 (torch 2.11, diffusers 0.42.1, transformers 5.23): the full bf16
+profile (20.5 GB) writes in 23 s with ``device="cuda"``, validates in 0.2 s; its index
+files are byte-identical in size to the release's (48,969 and 32,819 bytes) and the
+text-encoder shards 1-2 have exactly the release's byte sizes.
 """
 
 from __future__ import annotations
