@@ -55,12 +55,12 @@ def build_manager(settings: WorkerSettings) -> ModelManager:
     manager.register(
         IMAGE_SET,
         _image_loader(settings),
-        size_hint_bytes=folder_weight_bytes(settings.zimage_dir, expand_half_to_float32=on_cpu),
+        size_hint_bytes=folder_weight_bytes(settings.zimage_dir, itemsize=4 if on_cpu else 2),
     )
     manager.register(
         VIDEO_SET,
         _video_loader(settings),
-        size_hint_bytes=folder_weight_bytes(settings.wan_dir, expand_half_to_float32=on_cpu),
+        size_hint_bytes=folder_weight_bytes(settings.wan_dir, itemsize=4 if on_cpu else 2),
     )
     return manager
 

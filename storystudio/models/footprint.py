@@ -35,11 +35,32 @@ def image_working_bytes(width: int, height: int) -> int:
     return int(gib * _MARGIN * GiB)
 
 
-def folder_weight_bytes(path: Path, *, expand_half_to_float32: bool = False) -> int:
-    """Bytes of the weight files in a checkpoint folder: the size hint for a cold load.
+def folder_weight_bytes(path: Path, *, itemsize: int = 2) -> int:
+    """Bytes the weights of a checkpoint folder will occupy once loaded: the size hint for a cold load.
 
-    On CPU the engines run in float32, so half-precision files double in memory;
-    ``expand_half_to_float32`` accounts for that (only matters when a CPU budget is set).
+    Safetensors files are counted from their headers as ``numel × itemsize`` of the
+    dtype the engine loads in (2 for bf16 on CUDA, 4 for float32 on CPU), because the
+    files' own dtype can differ: Z-Image-Turbo ships its transformer in float32 (24.6 GB
+    on disk, 12.3 GB once loaded as bf16). Other weight files (``.pth``) count by size.
+    A missing folder counts as 0; the loader then reports what is missing.
     """
-    total = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    return total * 2 if expand_half_to_float32 else total
+    from storystudio.models.checkpoints.common import read_safetensors_header
+
+    total = 0
+    for p in Path(path).rglob("*"):
+        if not p.is_file() or p.suffix not in _WEIGHT_SUFFIXES:
+            continue
+        if p.suffix == ".safetensors":
+            try:
+                header = read_safetensors_header(p)
+            except (OSError, ValueError):
+                total += p.stat().st_size
+                continue
+            for info in header.values():
+                numel = 1
+                for dim in info["shape"]:
+                    numel *= int(dim)
+                total += numel * itemsize
+        else:
+            total += p.stat().st_size * (itemsize // 2 if itemsize > 2 else 1)
+    return total
