@@ -32,6 +32,7 @@ from typing import Literal
 
 import av
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image, ImageOps
 
 from storystudio.errors import InvalidInput, MediaError
@@ -283,10 +284,11 @@ def decode_audio(data: bytes, *, start_s: float | None = None, duration_s: float
                 if end is not None and position >= end:
                     break
                 if limit is not None and n_kept > limit:
+                    hint = ("; pass audio_duration to use a part of it" if duration_s is None
+                            else f" (audio_duration is {duration_s:g} s)")
                     raise MediaError(
                         f"audio is longer than the limit of {max_duration_s:g} s"
-                        + (" after audio_start" if start_s else "")
-                        + "; pass audio_duration to use a part of it", code="audio_too_long")
+                        + (" after audio_start" if start_s else "") + hint, code="audio_too_long")
         except av.FFmpegError as exc:
             raise MediaError(f"audio could not be decoded ({_ffmpeg_reason(exc)})",
                              code="invalid_audio") from None
@@ -491,8 +493,6 @@ def encode_mp4(frames: np.ndarray, fps: int, audio: AudioClip | None, out_path: 
     * The file is written next to ``out_path`` and renamed into place, so a reader never
       sees half a file.
     """
-    from av.video.reformatter import ColorRange, Colorspace
-
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames must be uint8 [T,H,W,3] with T >= 1, got {frames.dtype} {frames.shape}")
@@ -526,7 +526,7 @@ def encode_mp4(frames: np.ndarray, fps: int, audio: AudioClip | None, out_path: 
             video.time_base = Fraction(1, fps)
             ctx = video.codec_context
             ctx.colorspace, ctx.color_range = Colorspace.ITU709, ColorRange.MPEG
-            ctx.color_primaries, ctx.color_trc = 1, 1  # BT.709
+            ctx.color_primaries, ctx.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
             sound = _add_audio_stream(container, "aac", audio) if audio is not None else None
             pending = _audio_frames(audio) if audio is not None else iter(())
             next_audio = next(pending, None)

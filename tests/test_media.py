@@ -142,6 +142,8 @@ def test_max_duration(speech):
     assert decode_audio(data, start_s=0.6, max_duration_s=0.5).num_samples == int(0.4 * 24000)
     assert decode_audio(data, duration_s=0.5, max_duration_s=0.5).duration_s == 0.5
     assert decode_audio(data, max_duration_s=1.0).duration_s == 1.0
+    err = _media_error("audio_too_long", decode_audio, data, duration_s=0.9, max_duration_s=0.5)
+    assert "audio_duration is 0.9 s" in err.message
 
 
 def test_to_mono_16k(stereo):
