@@ -45,7 +45,7 @@ RUN apt-get update \
 # Fail fast, with the reason, if the base image is not what the ARGs say; then
 # pin its torch so no later pip install can replace it.
 RUN python - <<'EOF'
-import os, sys, torch
+import importlib.metadata, os, sys, torch
 e = os.environ
 py = f"{sys.version_info.major}.{sys.version_info.minor}"
 torch_release = torch.__version__.split("+")[0]
@@ -67,8 +67,9 @@ if expected_wheel != e["FLASH_ATTN_WHEEL"]:
     problems.append(f"this base image needs {expected_wheel}, FLASH_ATTN_WHEEL says {e['FLASH_ATTN_WHEEL']}")
 if problems:
     sys.exit("base image does not match the Dockerfile ARGs: " + "; ".join(problems))
+# pip matches the distribution's version (e.g. "2.8.0" or "2.8.0+cu128"), not torch.__version__
 with open("/etc/pip-constraints.txt", "w") as f:
-    f.write(f"torch=={torch.__version__}\n")
+    f.write(f"torch=={importlib.metadata.version('torch')}\n")
 print(f"base image OK: python {py}, torch {torch.__version__}, CUDA {cuda}, cxx11abi {abi}")
 EOF
 
@@ -89,9 +90,10 @@ RUN pip install -c /etc/pip-constraints.txt -r requirements.txt \
 COPY pyproject.toml README.md handler.py ./
 COPY storystudio ./storystudio
 RUN pip install --no-deps . \
-    && python -c "import torch, handler, storystudio.download; \
+    && python -c "import importlib.metadata, torch, handler, storystudio.download; \
 pinned = open('/etc/pip-constraints.txt').read().split('==')[1].strip(); \
-assert torch.__version__ == pinned, f'torch {torch.__version__} replaced the base image torch {pinned}'; \
+now = importlib.metadata.version('torch'); \
+assert now == pinned, f'torch {now} replaced the base image torch {pinned}'; \
 print('worker imports OK, torch', torch.__version__)" \
     && useradd --create-home --shell /usr/sbin/nologin worker \
     && mkdir -p /app/output \
