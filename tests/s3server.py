@@ -247,6 +247,7 @@ def _start_once(tmp_dir: Path, weed: str, timeout_s: float) -> tuple[S3Server, s
         f"-s3.localSocket={tmp_dir / 's3.sock'}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        "-s3.autoCreateBucket=false",  # like AWS/R2: a missing bucket is an error
     ] + [f"-{name}={port}" for name, port in ports.items()]
     server = S3Server(
         endpoint_url=f"http://127.0.0.1:{ports['s3.port']}",
