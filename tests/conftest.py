@@ -1,0 +1,20 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.s3server import S3Server, running_s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server for the whole session (started on first use).
+
+    Not skipped when weed cannot start: the S3 tests must run, so a missing
+    binary or a failed start fails the tests that use it, with weed's log tail.
+    """
+    with running_s3_server(tmp_path_factory.mktemp("s3server")) as server:
+        yield server
