@@ -9,7 +9,10 @@ value counts as unset):
     dashboard's "S3 API" URL with ``/<bucket>`` on the end is accepted too: the
     bucket is taken from the path). RunPod's ``rp_upload`` convention, a
     virtual-hosted AWS URL ``https://<bucket>.s3.<region>.amazonaws.com``, is
-    understood: bucket and region are taken from the host name.
+    understood: bucket and region are taken from the host name (likewise for
+    DigitalOcean Spaces' ``https://<bucket>.<region>.digitaloceanspaces.com``;
+    Backblaze B2, Wasabi and Scaleway hosts ``https://s3.<region>.<domain>``
+    give their region).
 ``STORYSTUDIO_S3_BUCKET``
     Bucket name. Empty (and no bucket in the endpoint URL): results are written
     to the local folder ``STORYSTUDIO_OUTPUT_DIR`` instead, and their "URL" is
@@ -20,8 +23,8 @@ value counts as unset):
     (``AWS_ACCESS_KEY_ID``..., instance roles). The secret is never logged,
     never part of an error message and hidden from ``repr``.
 ``STORYSTUDIO_S3_REGION``
-    Signing region. Default: ``auto`` for an R2 endpoint, the region in an AWS
-    endpoint's host name, else ``us-east-1``.
+    Signing region. Default: ``auto`` for an R2 endpoint, the region in the
+    endpoint's host name (see above), else ``us-east-1``.
 ``STORYSTUDIO_S3_PREFIX``
     Key prefix inside the bucket (and sub-folder of the local folder); default
     ``storystudio/``, empty for none. Slashes at either end are normalised;
@@ -110,6 +113,9 @@ _AWS_BUCKET_HOST = re.compile(
     r"^(?P<bucket>[a-z0-9][a-z0-9.-]*[a-z0-9])\.s3(?:[.-](?P<region>[a-z0-9-]+))?\.amazonaws\.com$"
 )
 _AWS_SERVICE_HOST = re.compile(r"^s3(?:[.-](?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
+_DO_HOST = re.compile(r"^(?:(?P<bucket>[a-z0-9][a-z0-9-]*[a-z0-9])\.)?(?P<region>[a-z0-9]+)\.digitaloceanspaces\.com$")
+# Providers whose API host is "s3.<region>.<domain>" and who check the signing region.
+_REGIONAL_HOST = re.compile(r"^s3\.(?P<region>[a-z0-9-]+)\.(?:backblazeb2\.com|wasabisys\.com|scw\.cloud)$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -248,11 +254,16 @@ def _split_endpoint(url: str) -> tuple[str | None, str | None, str | None]:
         return None, None, m["region"]
     base = f"{parts.scheme}://{parts.netloc}"
     path = parts.path.strip("/")
+    m = _DO_HOST.match(host)
+    if m:  # rp_upload reads the region from Spaces URLs too
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{m['region']}.digitaloceanspaces.com{port}", m["bucket"], m["region"]
     if host.endswith(_R2_HOST_SUFFIX):
         if path and "/" not in path:
             return base, path, None
         return base, None, None
-    return (base + "/" + path if path else base), None, None
+    m = _REGIONAL_HOST.match(host)
+    return (base + "/" + path if path else base), None, (m["region"] if m else None)
 
 
 @dataclass(frozen=True)
