@@ -194,7 +194,7 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, deadline: float) -> No
             last_error = f"{type(exc).__name__}: {exc}"
             time.sleep(0.2)
     raise S3ServerError(
-        f"SeaweedFS S3 at {server.endpoint_url} was not ready after {START_TIMEOUT_S:.0f}s "
+        f"SeaweedFS S3 at {server.endpoint_url} was not ready in time "
         f"(last error: {last_error}); log tail:\n" + server.log_tail()
     )
 
@@ -276,14 +276,17 @@ def _start_once(tmp_dir: Path, weed: str, timeout_s: float) -> tuple[S3Server, s
 
 
 @contextlib.contextmanager
-def running_s3_server(tmp_dir: Path | str, *, timeout_s: float = START_TIMEOUT_S) -> Iterator[S3Server]:
+def running_s3_server(
+    tmp_dir: Path | str, *, timeout_s: float = START_TIMEOUT_S, weed: str | None = None
+) -> Iterator[S3Server]:
     """Start SeaweedFS with S3 under ``tmp_dir``, yield its :class:`S3Server`, stop it.
 
     Tries twice with fresh ports (another process may grab a picked port before
     weed binds it); the second failure is raised with weed's log tail.
+    ``weed`` overrides the binary (tests of this helper).
     """
     tmp_dir = Path(tmp_dir)
-    weed = find_weed()
+    weed = weed or find_weed()
     error: S3ServerError | None = None
     for attempt in (1, 2):
         attempt_dir = tmp_dir / f"weed-{attempt}"

@@ -27,7 +27,7 @@ from storystudio.storage import (
     make_storage,
     safe_part,
 )
-from tests.s3server import S3Server
+from tests.s3server import S3Server, S3ServerError, running_s3_server
 
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
@@ -187,6 +187,24 @@ def test_settings_runpod_fallbacks_and_precedence() -> None:
     )
     assert (s.endpoint_url, s.bucket, s.region, s.addressing) == ("http://minio:9000", "ours", "us-east-1", "path")
     assert (s.access_key_id, s.secret_access_key) == ("rp-ak", "ours-sk")
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "bucket", "region"),
+    [
+        ("https://bk1.s3.amazonaws.com", None, "bk1", "us-east-1"),
+        ("https://my.bucket.s3-eu-west-1.amazonaws.com/", None, "my.bucket", "eu-west-1"),
+        ("https://s3.us-west-2.amazonaws.com", None, None, "us-west-2"),
+        ("https://bk1.nyc3.digitaloceanspaces.com", "https://nyc3.digitaloceanspaces.com", "bk1", "nyc3"),
+        ("https://s3.us-west-004.backblazeb2.com", "https://s3.us-west-004.backblazeb2.com", None, "us-west-004"),
+        ("http://s3.minio.internal:9000/", "http://s3.minio.internal:9000", None, "us-east-1"),
+        ("https://proj.supabase.co/storage/v1/s3", "https://proj.supabase.co/storage/v1/s3", None, "us-east-1"),
+    ],
+)
+def test_settings_endpoint_forms(url: str, endpoint: str | None, bucket: str | None, region: str) -> None:
+    s = StorageSettings.from_env({"BUCKET_ENDPOINT_URL": url})
+    assert (s.endpoint_url, s.bucket, s.region) == (endpoint, bucket, region)
+    assert s.addressing == ("path" if endpoint else "virtual")
 
 
 def test_settings_options() -> None:
@@ -480,3 +498,34 @@ def test_s3_missing_bucket_and_unreachable_endpoint(s3_server: S3Server) -> None
     with pytest.raises(StorageError, match=f"127.0.0.1:{port}") as info:
         storage.put_bytes(key, b"x", "image/png")
     assert_clean_error(info.value, s3_server, s3_server.secret_key, key)
+
+
+# --------------------------------------------------------------------------- the S3 server helper
+
+
+def fake_weed(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fake-weed"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_s3server_reports_a_dying_weed_with_its_log(tmp_path: Path) -> None:
+    weed = fake_weed(tmp_path, 'echo "fatal: cannot bind, port taken"; exit 3')
+    with pytest.raises(S3ServerError, match="exited with code 3") as info:
+        with running_s3_server(tmp_path / "srv", timeout_s=10, weed=weed):
+            pytest.fail("must not start")
+    assert "fatal: cannot bind, port taken" in str(info.value)
+
+
+def test_s3server_start_is_bounded_and_stops_the_process(tmp_path: Path) -> None:
+    weed = fake_weed(tmp_path, 'echo "hanging"; echo $$ >> "$PWD/pids"; exec sleep 300')
+    with pytest.raises(S3ServerError, match="not ready in time") as info:
+        with running_s3_server(tmp_path / "srv", timeout_s=1, weed=weed):
+            pytest.fail("must not start")
+    assert "hanging" in str(info.value)
+    pids = [int(p) for d in (tmp_path / "srv").glob("weed-*") for p in (d / "pids").read_text().split()]
+    assert len(pids) == 2  # one per attempt
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
