@@ -174,9 +174,9 @@ def make_key(
     (``ValueError`` otherwise).
     """
     ext = ext.lstrip(".").lower()
-    if not _KIND.match(kind):
+    if not _KIND.fullmatch(kind):
         raise ValueError(f"kind must match {_KIND.pattern}, got {kind!r}")
-    if not _EXT.match(ext):
+    if not _EXT.fullmatch(ext):
         raise ValueError(f"ext must match {_EXT.pattern}, got {ext!r}")
     parts = ["jobs" if project_id is None else safe_part(project_id), safe_part(job_id)]
     if scene_id is not None:
@@ -191,7 +191,7 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN:
         raise StorageError(f"unsafe object key {key!r}: empty, not text or too long")
     for seg in key.split("/"):
-        if not _SEGMENT.match(seg) or ".." in seg:
+        if not _SEGMENT.fullmatch(seg) or ".." in seg:
             raise StorageError(
                 f"unsafe object key {key!r}: segment {seg!r} is empty, starts with a dot, "
                 "holds '..' or characters outside [A-Za-z0-9._-]"
@@ -246,15 +246,15 @@ def _split_endpoint(url: str) -> tuple[str | None, str | None, str | None]:
     if parts.username or parts.password:
         raise StorageError("S3 endpoint URL must not carry credentials; use the key variables")
     host = parts.hostname.lower()
-    m = _AWS_BUCKET_HOST.match(host)
+    m = _AWS_BUCKET_HOST.fullmatch(host)
     if m:
         return None, m["bucket"], m["region"]
-    m = _AWS_SERVICE_HOST.match(host)
+    m = _AWS_SERVICE_HOST.fullmatch(host)
     if m:
         return None, None, m["region"]
     base = f"{parts.scheme}://{parts.netloc}"
     path = parts.path.strip("/")
-    m = _DO_HOST.match(host)
+    m = _DO_HOST.fullmatch(host)
     if m:  # rp_upload reads the region from Spaces URLs too
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{m['region']}.digitaloceanspaces.com{port}", m["bucket"], m["region"]
@@ -262,7 +262,7 @@ def _split_endpoint(url: str) -> tuple[str | None, str | None, str | None]:
         if path and "/" not in path:
             return base, path, None
         return base, None, None
-    m = _REGIONAL_HOST.match(host)
+    m = _REGIONAL_HOST.fullmatch(host)
     return (base + "/" + path if path else base), None, (m["region"] if m else None)
 
 

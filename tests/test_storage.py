@@ -70,7 +70,7 @@ def job() -> str:
 @pytest.mark.parametrize("value", HOSTILE)
 def test_safe_part_hostile_values(value: str) -> None:
     part = safe_part(value)
-    assert SAFE_SEGMENT.match(part), part
+    assert SAFE_SEGMENT.fullmatch(part), part
     assert ".." not in part
     assert "/" not in part and "\\" not in part and "\x00" not in part and "%" not in part
     assert 1 <= len(part) <= MAX_PART_LEN
@@ -120,14 +120,17 @@ def test_make_key_with_hostile_pieces_stays_inside(value: str, tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("kind", "ext"), [("../x", "png"), ("Image", "png"), ("image", "p/ng"), ("image", ""),
-                                           ("image", "a" * 11), ("", "png")])
+                                           ("image", "a" * 11), ("", "png"), ("image\n", "png"),
+                                           ("image", "png\n")])
 def test_make_key_rejects_bad_kind_or_ext(kind: str, ext: str) -> None:
     with pytest.raises(ValueError):
         make_key(kind=kind, job_id="j", ext=ext)
 
 
 @pytest.mark.parametrize(
-    "key", ["", "../x", "a/../b", "/etc/passwd", "a//b", ".x", "a/.x", "a\\b", "a/b/", "a\x00b", "a b", "x" * 2000]
+    "key",
+    ["", "../x", "a/../b", "/etc/passwd", "a//b", ".x", "a/.x", "a\\b", "a/b/", "a\x00b", "a b", "x" * 2000, "a\n",
+     "a/b\n"],
 )
 def test_check_key_rejects_unsafe_keys(key: str) -> None:
     with pytest.raises(StorageError) as info:
