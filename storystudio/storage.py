@@ -57,8 +57,9 @@ e.g. ``storystudio/story-1/3f2a.../s1/video.mp4``. Every user-controlled piece
 is passed through :func:`safe_part`. A project literally called ``jobs`` shares
 the top folder with project-less jobs; the job id still keeps them apart.
 
-Uploads set ``Content-Type`` and ``Cache-Control``; files at or over
-:data:`MULTIPART_THRESHOLD` go up in parts through boto3's transfer manager.
+Uploads set ``Content-Type`` and ``Cache-Control``; files and byte strings at
+or over :data:`MULTIPART_THRESHOLD` go up in parts through boto3's transfer
+manager.
 The local backend writes to a temporary file in the target folder and renames
 it into place, so a reader never sees half a file, and refuses any path that
 resolves outside its folder. Every failure is a :class:`StorageError` (code
@@ -69,6 +70,7 @@ presigned URL is a bearer credential for its lifetime.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -521,10 +523,12 @@ class S3Storage:
         full = self._full_key(key)
         ct = _content_type(content_type)
         size = _bytes_size(data)
+        extra = {"ContentType": ct, "CacheControl": self._cache_control}
         try:
-            self._client.put_object(
-                Bucket=self.bucket, Key=full, Body=bytes(data), ContentType=ct, CacheControl=self._cache_control
-            )
+            if size >= MULTIPART_THRESHOLD:
+                self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, ExtraArgs=extra, Config=self._transfer)
+            else:
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), **extra)
         except self._errors() as exc:
             raise self._error("upload", full, exc) from exc
         log.info("stored %s (%d bytes, %s) in bucket %s", full, size, ct, self.bucket)

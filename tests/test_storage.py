@@ -260,9 +260,14 @@ def test_settings_never_show_the_secret() -> None:
     assert secret not in str(info.value)
 
 
-def test_make_storage_picks_backend(tmp_path: Path) -> None:
+def test_make_storage_picks_backend(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     local = make_storage(StorageSettings(output_dir=tmp_path))
     assert isinstance(local, LocalStorage) and isinstance(local, Storage)
+    assert "no bucket" not in caplog.text
+    # Credentials without a bucket are most likely a mistake: say so.
+    local = make_storage(StorageSettings.from_env({"BUCKET_ENDPOINT_URL": "http://minio:9000",
+                                                   "STORYSTUDIO_OUTPUT_DIR": str(tmp_path)}))
+    assert isinstance(local, LocalStorage) and "no bucket" in caplog.text
     s3 = make_storage(StorageSettings(bucket="b", endpoint_url="http://127.0.0.1:9", access_key_id="a",
                                       secret_access_key="s"))
     assert isinstance(s3, S3Storage) and isinstance(s3, Storage)
@@ -401,6 +406,17 @@ def test_s3_put_file_multipart(s3_server: S3Server, tmp_path: Path) -> None:
     assert obj["ETag"].strip('"').endswith("-2")  # two parts
     resp = requests.get(got.url, timeout=30)
     assert resp.status_code == 200 and resp.content == data
+
+
+def test_s3_put_big_bytes_multipart(s3_server: S3Server) -> None:
+    storage = S3Storage(s3_settings(s3_server))
+    calls: list[str] = []
+    storage.client.meta.events.register("before-call.s3.*", lambda model, **kwargs: calls.append(model.name))
+    data = os.urandom(9 * 1024 * 1024)
+    got = storage.put_bytes(make_key(kind="video", job_id=job(), ext="mp4"), data, "video/mp4")
+    assert calls.count("UploadPart") == 2 and "PutObject" not in calls
+    obj = s3_server.client().get_object(Bucket=s3_server.bucket, Key=got.key)
+    assert obj["Body"].read() == data and obj["ContentType"] == "video/mp4"
 
 
 def test_s3_small_file_single_put(s3_server: S3Server, tmp_path: Path) -> None:
