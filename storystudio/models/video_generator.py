@@ -443,7 +443,14 @@ class WanS2VGenerator:
         ref_latents = self._vae_encode(ref_pixels)
         videos_last_frames = torch.zeros([1, 3, self.motion_frames, height, width], dtype=self.vae.dtype,
                                          device=dev)
-        motion_latents = self._vae_encode(videos_last_frames)
+        if self.drop_first_motion:
+            # Clip 0 drops its motion frames (the frame packer's tokens are discarded and
+            # the decode starts from the reference latent), so the official encode of
+            # 73 black frames is never used: zeros of the latent shape stand in for it.
+            motion_latents = torch.zeros([1, 16, lat_motion_frames, height // 8, width // 8],
+                                         dtype=self.vae.dtype, device=dev)
+        else:
+            motion_latents = self._vae_encode(videos_last_frames)
         cond = self._pose_cond(req.pose_frames, num_clips, infer_frames, height, width)
 
         n_prompt = self.sample_neg_prompt if req.negative_prompt is None else req.negative_prompt
