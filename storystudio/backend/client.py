@@ -306,7 +306,6 @@ class RunPodClient:
         """``text`` with this client's API key replaced by ``***``."""
         return scrub(text, self._key)
 
-    _scrub = scrub
 
     def _headers(self, with_body: bool) -> dict[str, str]:
         headers = {
@@ -376,7 +375,7 @@ class RunPodClient:
                 log.debug("%s -> HTTP %s (attempt %d)", what, status, attempt)
                 if 200 <= status < 300:
                     return self._decode(resp, what)
-                detail = self._scrub(self._error_detail(resp))
+                detail = self.scrub(self._error_detail(resp))
                 if status in (401, 403):
                     raise AuthError(
                         f"{what}: HTTP {status} (check the RunPod API key and its permissions)"
@@ -416,7 +415,7 @@ class RunPodClient:
                     delay,
                 )
             self.sleep(delay)
-        message = self._scrub(f"{what}: {last_reason} after {policy.max_attempts} attempt(s)")
+        message = self.scrub(f"{what}: {last_reason} after {policy.max_attempts} attempt(s)")
         if last_status is None:
             raise RequestTimeout(message, attempts=policy.max_attempts)
         raise RunPodAPIError(message, status=last_status, attempts=policy.max_attempts)

@@ -21,7 +21,9 @@ this module must get right is the restore::
   B restores what it saw when it started. Use one warm value per endpoint.
 * Signals: while the block runs (main thread only), SIGINT raises ``KeyboardInterrupt``
   and SIGTERM/SIGHUP raise :class:`Terminated` (a ``SystemExit`` with code 128+signal),
-  so the stack unwinds through ``__exit__``. While the restore itself runs, further
+  so the stack unwinds through ``__exit__``. Signals set to be ignored (SIGHUP under
+  ``nohup``) stay ignored; an application with its own handlers can pass
+  ``handle_signals=False`` and call :meth:`WarmWorkers.restore` itself. While the restore itself runs, further
   signals are held back until it is done, so a second Ctrl-C cannot abort it.
 * If the restore fails even after retries, :class:`RestoreFailed` is raised (or logged,
   when another exception is already propagating) with the exact command to run.
@@ -72,7 +74,10 @@ class SignalGuard:
             log.debug("not in the main thread: signal handlers not installed")
             return False
         for sig in self.signals:
-            self._previous[sig] = signal.getsignal(sig)
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:  # e.g. SIGHUP under nohup: keep ignoring it
+                continue
+            self._previous[sig] = previous
             signal.signal(sig, self._handle)
         self.installed = True
         return True

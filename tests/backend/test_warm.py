@@ -174,6 +174,19 @@ def test_signal_during_restore_waits_for_the_restore(fake, client):
     assert sent and fake.workers_min() == 0
 
 
+def test_ignored_signals_stay_ignored(fake, client):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with WarmWorkers(client, ENDPOINT, 1):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # like nohup: nothing happens
+            time.sleep(0.01)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert fake.workers_min() == 0
+
+
 def test_no_signal_handlers_outside_main_thread(fake, client):
     import threading
 
