@@ -369,7 +369,7 @@ class RunPodClient:
                 last_status = None
                 kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
                 last_reason = f"{kind} ({type(exc).__name__})"
-                ambiguous = not isinstance(exc, requests.ConnectTimeout)
+                ambiguous = not _never_sent(exc)
             else:
                 status = resp.status_code
                 log.debug("%s -> HTTP %s (attempt %d)", what, status, attempt)
@@ -633,6 +633,17 @@ class RunPodClient:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the server (connect timeout/refused)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    # urllib3's NewConnectionError (refused, DNS failure), looked up by name so that
+    # urllib3 need not be imported directly
+    return any(type(e).__name__ in ("NewConnectionError", "NameResolutionError")
+               for e in (reason, exc.args[0] if exc.args else None) if e is not None)
 
 
 def _check_id(value: str, what: str) -> str:

@@ -290,3 +290,23 @@ def test_policy_constraints_checked_locally(client, fake):
     with pytest.raises(ValueError):
         client.run(ENDPOINT, STORY_INPUT, ttl_s=1)
     assert fake.requests == []
+
+
+def test_duplicate_warning_only_when_the_run_may_have_landed(fake, caplog):
+    import logging
+
+    from storystudio.backend.client import RunPodClient
+
+    with caplog.at_level(logging.INFO):
+        refused = RunPodClient("k", api_base="http://127.0.0.1:9/v2", rest_base="http://127.0.0.1:9/v1",
+                               retry=RetryPolicy(max_attempts=2, backoff_base=0.001), timeout=1)
+        with pytest.raises(RequestTimeout):
+            refused.run(ENDPOINT, STORY_INPUT)
+    assert "duplicate" not in caplog.text
+    caplog.clear()
+    c = make_client(fake, timeout=(1.0, 0.1), retry=RetryPolicy(max_attempts=2, backoff_base=0.001))
+    fake.add_fault("POST", f"/v2/{ENDPOINT}/run", 200, delay=0.3, apply=True)
+    with caplog.at_level(logging.INFO):
+        c.run(ENDPOINT, STORY_INPUT)
+    assert "duplicate" in caplog.text
+    assert len(fake.jobs) == 2  # the lost answer's job exists too: what the warning is about
