@@ -110,7 +110,7 @@ ARG BAKE_MODELS
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ "$BAKE_MODELS" = "1" ]; then \
         if [ -s /run/secrets/hf_token ]; then export HF_TOKEN="$(cat /run/secrets/hf_token)"; fi; \
-        HF_HUB_OFFLINE=0 storystudio-download --models-dir /models; \
+        HF_HUB_OFFLINE=0 HF_HOME=/tmp/hf storystudio-download --models-dir /models && rm -rf /tmp/hf; \
     fi
 ENV STORYSTUDIO_MODELS_DIR=/models
 
