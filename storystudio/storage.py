@@ -240,13 +240,13 @@ def _split_endpoint(url: str) -> tuple[str | None, str | None, str | None]:
     segment gives that segment as the bucket; anything else is kept as is.
     """
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # checked first: such a URL is not echoed in messages
+        raise StorageError("S3 endpoint URL must not carry credentials; use the key variables")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise StorageError(
             f"S3 endpoint URL {url!r} is not an http(s) URL "
             "(STORYSTUDIO_S3_ENDPOINT_URL / BUCKET_ENDPOINT_URL)"
         )
-    if parts.username or parts.password:
-        raise StorageError("S3 endpoint URL must not carry credentials; use the key variables")
     host = parts.hostname.lower()
     m = _AWS_BUCKET_HOST.fullmatch(host)
     if m:
@@ -303,8 +303,10 @@ class StorageSettings:
                 "(STORYSTUDIO_S3_ACCESS_KEY_ID and STORYSTUDIO_S3_SECRET_ACCESS_KEY go together)"
             )
         if self.endpoint_url:
-            scheme = urlsplit(self.endpoint_url).scheme
-            if scheme not in ("http", "https"):
+            parts = urlsplit(self.endpoint_url)
+            if "@" in parts.netloc:
+                raise StorageError("S3 endpoint URL must not carry credentials; use the key variables")
+            if parts.scheme not in ("http", "https"):
                 raise StorageError(f"S3 endpoint URL {self.endpoint_url!r} is not an http(s) URL")
         region = (self.region or "").strip()
         if not region:

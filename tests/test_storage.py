@@ -258,6 +258,12 @@ def test_settings_never_show_the_secret() -> None:
     with pytest.raises(StorageError) as info:
         StorageSettings.from_env({"STORYSTUDIO_S3_SECRET_ACCESS_KEY": secret})
     assert secret not in str(info.value)
+    for url in (f"ftp://ak:{secret}@host", f"https://ak:{secret}@host:9000"):
+        with pytest.raises(StorageError, match="must not carry credentials") as info:
+            StorageSettings.from_env({"STORYSTUDIO_S3_ENDPOINT_URL": url})
+        assert secret not in str(info.value)
+        with pytest.raises(StorageError, match="must not carry credentials"):
+            StorageSettings(endpoint_url=url)
 
 
 def test_make_storage_picks_backend(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
