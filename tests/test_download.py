@@ -312,3 +312,19 @@ def test_real_validators_accept_a_complete_folder_and_reject_a_broken_one(tmp_pa
     assert download.main(["--models-dir", str(models), "--only", "zimage", "--verify-only"], env={}) == 1
     err = capsys.readouterr().err
     assert victim.name in err and "checkpoint_corrupt" in err
+
+
+@pytest.mark.parametrize(
+    ("key", "module", "writer"),
+    [
+        ("zimage", "storystudio.models.checkpoints.zimage", "write_zimage_checkpoint"),
+        ("wan", "storystudio.models.checkpoints.wan_s2v", "write_wan_s2v_checkpoint"),
+    ],
+)
+def test_allow_patterns_cover_every_file_of_the_official_layout(key, module, writer, tmp_path):
+    # the synthetic writers reproduce the official layout the validators demand
+    write = getattr(pytest.importorskip(module), writer)
+    root = write(tmp_path / key, "tiny") or tmp_path / key
+    files = sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+    assert files
+    assert selected(download.MODELS[key], files) == set(files)
