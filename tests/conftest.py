@@ -18,3 +18,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """
     with running_s3_server(tmp_path_factory.mktemp("s3server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny synthetic checkpoints in both official layouts, written once per session.
+
+    Returns ``(zimage_dir, wan_dir)``; the same writer the demo uses.
+    """
+    from storystudio.demo import ensure_tiny_checkpoints
+
+    return ensure_tiny_checkpoints(tmp_path_factory.mktemp("models"))

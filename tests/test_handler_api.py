@@ -1,0 +1,268 @@
+"""The real handler through RunPod's local test API (``handler.py --rp_serve_api``), end to end.
+
+A worker process runs on tiny synthetic checkpoints (CPU), takes inputs from an HTTP
+server on 127.0.0.1 and uploads results to a real SeaweedFS S3 server. Every result
+is read back: objects through boto3, URLs through HTTP, media decoded and measured.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from storystudio.media import encode_audio, encode_png, probe_media, synth_speech
+
+ROOT = Path(__file__).resolve().parent.parent
+FPS = 16
+# Tiny settings: every video costs seconds, not minutes, on 2 CPU cores.
+VIDEO = {"max_area": 64 * 64, "steps": 2, "infer_frames": 16}
+IMAGE = {"width": 256, "height": 256, "steps": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Files(BaseHTTPRequestHandler):
+    files: dict[str, tuple[bytes, str]] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        item = self.files.get(self.path)
+        if item is None:
+            self.send_error(404, "not found")
+            return
+        body, ctype = item
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def media_server() -> Iterator[str]:
+    rng = np.random.default_rng(0)
+    portrait = Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8))
+    _Files.files = {
+        "/portrait.png": (encode_png(portrait), "image/png"),
+        "/speech-1.5s.mp3": (encode_audio(synth_speech(1.5, seed=1), "mp3"), "audio/mpeg"),
+        "/speech-1s.wav": (encode_audio(synth_speech(1.0, seed=2), "wav"), "audio/wav"),
+        "/speech-1s.m4a": (encode_audio(synth_speech(1.0, seed=3), "m4a"), "audio/mp4"),
+        "/empty.wav": (_empty_wav(), "audio/wav"),
+        "/not-an-image.png": (b"<html>certainly not a PNG</html>" * 10, "image/png"),
+        "/huge.png": (b"\x89PNG" + b"\x00" * (2 * 1024 * 1024), "image/png"),
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _empty_wav() -> bytes:
+    """A well-formed WAV file with zero samples: decodable, but nothing to speak."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def worker_api(tiny_models, s3_server, tmp_path_factory) -> Iterator[str]:
+    zdir, wdir = tiny_models
+    port = _free_port()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "STORYSTUDIO_ZIMAGE_DIR": str(zdir),
+        "STORYSTUDIO_WAN_DIR": str(wdir),
+        "STORYSTUDIO_DEVICE": "cpu",
+        "STORYSTUDIO_ALLOW_NETWORKS": "127.0.0.0/8",
+        "STORYSTUDIO_MAX_IMAGE_MB": "1",
+        "STORYSTUDIO_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "STORYSTUDIO_S3_BUCKET": s3_server.bucket,
+        "STORYSTUDIO_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "STORYSTUDIO_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "STORYSTUDIO_S3_PREFIX": "e2e/",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/docs", timeout=2).status_code < 500:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def runsync(api: str, job_input: dict, timeout: float = 600) -> dict:
+    r = requests.post(f"{api}/runsync", json={"input": job_input}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+
+
+def _get_object(s3, s3_server, key: str) -> bytes:
+    return s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+
+
+def _check_video(data: bytes, audio_seconds: float) -> None:
+    info = probe_media(data)
+    assert info.video is not None and info.audio is not None, "MP4 needs a video and an audio stream"
+    assert info.video.codec == "h264" and info.video.pix_fmt == "yuv420p"
+    assert info.video.frame_count == round(audio_seconds * FPS)
+    assert info.video.fps == pytest.approx(FPS, abs=0.01)
+    assert info.audio.codec == "aac"
+    assert abs(info.audio.duration - info.video.duration) <= 1 / FPS + 1e-3
+    assert abs(info.video.duration - audio_seconds) <= 1 / FPS + 1e-3
+    assert info.top_level_boxes.index("moov") < info.top_level_boxes.index("mdat"), "faststart"
+
+
+def test_image_job(worker_api, s3, s3_server):
+    body = runsync(worker_api, {"task": "image", "prompt": "a fox", **IMAGE, "height": 320, "seed": 5, "return_base64": True})
+    assert body["status"] == "COMPLETED", body
+    out = body["output"]
+    assert out["seed"] == 5 and (out["width"], out["height"]) == (256, 320)
+    assert out["image_key"].startswith("e2e/") and out["image_key"].endswith(".png")
+    stored = _get_object(s3, s3_server, out["image_key"])
+    fetched = requests.get(out["image_url"], timeout=10)
+    assert fetched.status_code == 200 and fetched.content == stored
+    assert base64.b64decode(out["image_base64"]) == stored
+    assert Image.open(io.BytesIO(stored)).size == (256, 320)
+    assert "image" in out["manager"]["resident"] and out["timings"]["generate"] > 0
+
+
+def test_video_job(worker_api, media_server, s3, s3_server):
+    body = runsync(
+        worker_api,
+        {
+            "task": "video",
+            "image": f"{media_server}/portrait.png",
+            "audio": f"{media_server}/speech-1.5s.mp3",
+            "prompt": "a person talking",
+            **VIDEO,
+            "seed": 3,
+        },
+    )
+    assert body["status"] == "COMPLETED", body
+    out = body["output"]
+    assert out["frames"] == 24 and out["fps"] == FPS and out["seed"] == 3
+    data = _get_object(s3, s3_server, out["video_key"])
+    assert requests.get(out["video_url"], timeout=10).content == data
+    _check_video(data, 1.5)
+
+
+def test_batch_job_reports_failing_scene_and_completes_others(worker_api, media_server, s3, s3_server):
+    scenes = [
+        {"scene_id": "intro", "prompt": "a lighthouse", "audio": f"{media_server}/speech-1s.wav"},
+        {"scene_id": "given", "image": f"{media_server}/portrait.png", "audio": f"{media_server}/speech-1s.m4a",
+         "video_prompt": "the keeper talks"},
+        {"scene_id": "broken", "prompt": "a storm", "audio": f"{media_server}/missing.mp3"},
+    ]
+    body = runsync(
+        worker_api,
+        {"task": "batch", "project_id": "../Story One", "scenes": scenes, "image": IMAGE, "video": VIDEO, "seed": 11},
+    )
+    assert body["status"] == "COMPLETED", body
+    out = body["output"]
+    by_id = {s["scene_id"]: s for s in out["scenes"]}
+    assert [s["scene_id"] for s in out["scenes"]] == ["intro", "given", "broken"]
+    assert out["scenes_ok"] == 2 and out["scenes_failed"] == 1
+    broken = by_id["broken"]
+    assert broken["error"]["code"] == "input_download_failed" and broken["error"]["stage"] == "audio"
+    assert "404" in broken["error"]["error"]
+    assert "image_url" in broken, "the broken scene's image was still rendered"
+    for sid in ("intro", "given"):
+        scene = by_id[sid]
+        assert "error" not in scene, scene
+        assert ".." not in scene["video_key"] and " " not in scene["video_key"]
+        _check_video(_get_object(s3, s3_server, scene["video_key"]), 1.0)
+    assert by_id["intro"]["image_source"] == "generated" and by_id["given"]["image_source"] == "input"
+    png = _get_object(s3, s3_server, by_id["intro"]["image_key"])
+    assert Image.open(io.BytesIO(png)).size == (256, 256)
+    for key in ("images_time", "swap_time", "videos_time", "total_time"):
+        assert out[key] >= 0
+    assert out["total_time"] >= out["images_time"] + out["videos_time"]
+    assert set(out["manager"]["resident"]) == {"image", "video"}
+
+
+@pytest.mark.parametrize(
+    ("job", "code", "fragment"),
+    [
+        ({"task": "image", "prompt": "x", "width": 100000}, "invalid_input", "width"),
+        ({"task": "image", "prompt": "x", "steps": -2}, "invalid_input", "steps"),
+        ({"task": "paint", "prompt": "x"}, "unknown_task", "paint"),
+        ({"task": "video", "image": "{media}/portrait.png"}, "invalid_input", "audio: Field required"),
+        ({"task": "video", "image": "htp://nowhere/x.png", "audio": "{media}/speech-1s.wav"}, "input_forbidden", "scheme"),
+        ({"task": "video", "image": "{media}/nope.png", "audio": "{media}/speech-1s.wav"}, "input_download_failed", "404"),
+        ({"task": "video", "image": "{media}/huge.png", "audio": "{media}/speech-1s.wav"}, "input_too_large", "image"),
+        ({"task": "video", "image": "{media}/not-an-image.png", "audio": "{media}/speech-1s.wav"}, "invalid_image", ""),
+        ({"task": "video", "image": "{media}/portrait.png", "audio": "{media}/empty.wav"}, "empty_audio", ""),
+        ({"task": "video", "image": "http://10.20.30.40/x.png", "audio": "{media}/speech-1s.wav"}, "input_forbidden", "10.20.30.40"),
+        ({"task": "video", "image": "http://169.254.169.254/latest/meta-data", "audio": "{media}/speech-1s.wav"},
+         "input_forbidden", "169.254.169.254"),
+    ],
+)
+def test_bad_input_fails_job_with_code_and_worker_survives(worker_api, media_server, job, code, fragment):
+    job = {k: v.replace("{media}", media_server) if isinstance(v, str) else v for k, v in job.items()}
+    body = runsync(worker_api, job, timeout=120)
+    assert body["status"] == "FAILED", body
+    assert body["error"].startswith(f"{code}: "), body["error"]
+    assert fragment in body["error"]
+    # still serving
+    assert requests.get(f"{worker_api}/docs", timeout=5).status_code == 200
