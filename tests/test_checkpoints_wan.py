@@ -207,3 +207,20 @@ def test_every_problem_is_listed_at_once(copy):
 def test_missing_folder(tmp_path):
     err = _error(tmp_path / "nope")
     assert err.code == "checkpoint_missing"
+
+
+def test_legacy_torch_file_is_accepted(copy):
+    # A pre-zip torch.save file (official checkpoints may be either) still validates.
+    sd = torch.load(copy / ws.VAE_FILE, map_location="cpu", weights_only=True)
+    torch.save(sd, copy / ws.VAE_FILE, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(copy / ws.VAE_FILE)
+    ws.validate_wan_s2v(copy)
+    assert set(ws.load_torch_state(copy / ws.VAE_FILE)) == set(sd)
+
+
+def test_config_without_optional_keys_is_accepted(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    for key in ("_class_name", "_diffusers_version", "in_dim", "out_dim", "text_len", "model_type"):
+        cfg.pop(key)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    ws.validate_wan_s2v(copy)

@@ -72,30 +72,23 @@ WAV2VEC_FILES = (
 )
 WAV2VEC_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
-# config.json keys the loader needs (WanModel_S2V.__init__ arguments of the release).
+# config.json keys the S2V architecture depends on (WanModel_S2V.__init__ arguments whose
+# defaults differ from the release, so a config without them would build another model).
+# Other keys may be absent: their defaults are the release's values; a wrong value is
+# still caught by comparing the shards with the model the config builds.
 REQUIRED_CONFIG_KEYS = (
-    "_class_name",
     "dim",
     "ffn_dim",
-    "freq_dim",
     "num_heads",
     "num_layers",
-    "in_dim",
-    "out_dim",
-    "text_len",
-    "eps",
     "cond_dim",
     "audio_dim",
-    "num_audio_token",
-    "enable_adain",
-    "adain_mode",
     "audio_inject_layers",
-    "zero_timestep",
-    "enable_motioner",
-    "add_last_motion",
+    "enable_adain",
     "enable_framepack",
+    "enable_motioner",
     "framepack_drop_mode",
-    "model_type",
+    "zero_timestep",
 )
 
 # Official sizes of the release (wan/configs/wan_s2v_14B.py + the HF config.json).
@@ -611,8 +604,8 @@ def write_wan_s2v_checkpoint(out_dir: str | Path, profile: Profile = "tiny", *, 
 
 
 def _torch_zip_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of a torch zip state dict without reading its data (mmap load)."""
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    """Shapes of a torch state dict; zip files are memory-mapped (data not read)."""
+    sd = load_torch_state(path)
     if not isinstance(sd, dict):
         raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -622,8 +615,18 @@ def _torch_zip_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_torch_state(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` of a state dict, memory-mapped (data read lazily)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    """``torch.load`` of a state dict, memory-mapped (data read lazily) when it is a zip.
+
+    A pre-1.6 (non-zip) torch file cannot be memory-mapped and is read whole.
+    """
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _magic(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(2)
 
 
 def _check_torch_zip(problems: Problems, root: Path, rel: str, hint: str) -> dict[str, tuple[int, ...]] | None:
@@ -631,15 +634,15 @@ def _check_torch_zip(problems: Problems, root: Path, rel: str, hint: str) -> dic
     if not path.is_file():
         problems.missing(rel, hint)
         return None
-    if not zipfile.is_zipfile(path):
-        problems.corrupt(rel, "not a torch zip checkpoint (truncated or garbled)")
-        return None
     try:
-        with zipfile.ZipFile(path) as zf:
-            size = path.stat().st_size
-            for zi in zf.infolist():
-                if zi.header_offset + zi.compress_size > size:
-                    raise ValueError(f"record {zi.filename} runs past the end of the file")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                size = path.stat().st_size
+                for zi in zf.infolist():
+                    if zi.header_offset + zi.compress_size > size:
+                        raise ValueError(f"record {zi.filename} runs past the end of the file")
+        elif _magic(path) == b"PK" or path.stat().st_size < 64:
+            raise ValueError("truncated torch zip checkpoint (no central directory)")
         return _torch_zip_shapes(path)
     except Exception as exc:  # noqa: BLE001 - any failure means unreadable
         problems.corrupt(rel, f"unreadable ({exc.__class__.__name__}: {str(exc)[:200]})")
@@ -679,7 +682,7 @@ def validate_wan_s2v(path: str | Path) -> None:
             if absent:
                 problems.mismatch(CONFIG_FILE, f"missing keys {', '.join(absent)}")
                 config = None
-            elif config["_class_name"] != "WanModel_S2V":
+            elif config.get("_class_name", "WanModel_S2V") != "WanModel_S2V":
                 problems.mismatch(CONFIG_FILE, f"_class_name is {config['_class_name']!r}, not 'WanModel_S2V'")
                 config = None
         except ValueError as exc:
