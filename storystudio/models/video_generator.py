@@ -560,7 +560,8 @@ def _load_t5(root: Path, text_len: int, device: torch.device, dtype: torch.dtype
     sd = load_torch_state(root / T5_FILE)
     arch = t5_arch_from_state({k: tuple(v.shape) for k, v in sd.items()})
     model = meta_t5(arch)
-    _assign(model, {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, "T5 encoder", T5_FILE)
+    # copy=True: never keep a CPU weight backed by the memory-mapped file.
+    _assign(model, {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}, "T5 encoder", T5_FILE)
     del sd
     _check_loaded(model, "T5 encoder", T5_FILE)
     model.eval().requires_grad_(False)
@@ -580,7 +581,8 @@ def _load_t5(root: Path, text_len: int, device: torch.device, dtype: torch.dtype
 def _load_vae(root: Path, device: torch.device):
     sd = load_torch_state(root / VAE_FILE)
     model = meta_vae(vae_dim_from_state({k: tuple(v.shape) for k, v in sd.items()}))
-    _assign(model, {k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}, "Wan2.1 VAE", VAE_FILE)
+    _assign(model, {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in sd.items()}, "Wan2.1 VAE",
+            VAE_FILE)
     del sd
     _check_loaded(model, "Wan2.1 VAE", VAE_FILE)
     return wan22.make_wan21_vae(model, device=device, dtype=torch.float32)
