@@ -90,3 +90,18 @@ def test_sdpa_shim_scale_and_causal():
     causal = wan22.sdpa_flash_attention(q, k, v, causal=True)
     # First query only sees the first key.
     torch.testing.assert_close(causal[0, 0], v[0, 0])
+
+
+def test_broken_flash_attn_falls_back_to_sdpa(tmp_path):
+    # flash-attn installed but not importable (CUDA/ABI mismatch): SDPA, not a crash.
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root), os.environ.get("PYTHONPATH", "")]))
+    code = ("from storystudio.patches import wan22\n"
+            "import sys\n"
+            "print(wan22.attention_backend(), sys.modules['wan.modules.model'].flash_attention.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["sdpa", "sdpa_flash_attention"]

@@ -78,24 +78,26 @@ _done = False
 _backend: Backend | None = None
 
 
-def _module_available(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def attention_backend() -> Backend:
-    """Which attention the official modules use: ``fa3``, ``fa2`` or ``sdpa`` (torch)."""
-    global _backend
-    if _backend is None:
-        if _module_available("flash_attn_interface"):
-            _backend = "fa3"
-        elif _module_available("flash_attn"):
-            _backend = "fa2"
-        else:
-            _backend = "sdpa"
+    """Which attention the official modules use: ``fa3``, ``fa2`` or ``sdpa`` (torch).
+
+    Decided by the official ``wan.modules.attention`` itself (its
+    ``FLASH_ATTN_3_AVAILABLE`` / ``FLASH_ATTN_2_AVAILABLE`` flags, set by really
+    importing the packages), so an installed-but-unimportable flash-attn counts as
+    absent and gets the SDPA path.
+    """
+    import_wan()
+    assert _backend is not None
     return _backend
+
+
+def _official_backend() -> Backend:
+    att = sys.modules["wan.modules.attention"]
+    if getattr(att, "FLASH_ATTN_3_AVAILABLE", False):
+        return "fa3"
+    if getattr(att, "FLASH_ATTN_2_AVAILABLE", False):
+        return "fa2"
+    return "sdpa"
 
 
 def wan_root() -> Path:
@@ -123,13 +125,30 @@ def _register_stub(name: str, folder: Path) -> None:
         setattr(sys.modules[parent], child, mod)
 
 
+def _import_attention() -> None:
+    """Import ``wan.modules.attention``; a flash-attn that is installed but broken (an
+    ImportError other than "not found", e.g. a CUDA/ABI mismatch) is treated as absent."""
+    while True:
+        try:
+            importlib.import_module("wan.modules.attention")
+            return
+        except ImportError as exc:
+            text = f"{exc.name} {exc}"
+            broken = "flash_attn_interface" if "flash_attn_interface" in text else "flash_attn"
+            if broken not in text or (broken in sys.modules and sys.modules[broken] is None):
+                raise
+            log.warning("%s is installed but cannot be imported (%s); using torch SDPA", broken, exc)
+            sys.modules[broken] = None  # the official ``import`` now raises ModuleNotFoundError
+            sys.modules.pop("wan.modules.attention", None)
+
+
 def import_wan() -> types.ModuleType:
     """Make the needed official modules importable (idempotent); returns the ``wan`` stub.
 
     Works without CUDA. After this call, e.g. ``from wan.modules.s2v.model_s2v import
     WanModel_S2V`` works and its attention runs on the active :func:`attention_backend`.
     """
-    global _done
+    global _done, _backend
     with _lock:
         if _done:
             return sys.modules["wan"]
@@ -148,13 +167,14 @@ def import_wan() -> types.ModuleType:
             with warnings.catch_warnings():
                 # torch.cuda.amp.autocast decorators in the official code are deprecated.
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.cuda\.amp")
+                _import_attention()
                 for name in _NEEDED:
                     importlib.import_module(name)
         finally:
             if patched_current_device:
                 torch.cuda.current_device = orig_current_device  # type: ignore[assignment]
 
-        backend = attention_backend()
+        _backend = backend = _official_backend()
         if backend == "sdpa":
             for name in _FLASH_IMPORTERS:
                 mod = sys.modules.get(name)
