@@ -228,3 +228,25 @@ def test_tied_weights_share_one_slot():
     mgr.ensure("a")
     assert a.m["head"].weight is a.m["emb"].weight
     assert torch.equal(a.m["head"].weight, w)
+
+
+def test_host_buffers_are_allocated_in_background_after_cold_load(caplog):
+    """With pinning on, a cold load starts the host allocation at once; the first park uses it.
+
+    CPU-only torch cannot pin, so the allocation falls back to pageable memory with a
+    warning: the same code path, minus the page locking.
+    """
+    mgr = ModelManager("cpu", budget_gib=60 * MiB / GiB, pin_memory=True)
+    mgr.register("a", lambda d: FakeEngine(d, {"big": 40}, 1))
+    mgr.register("b", lambda d: FakeEngine(d, {"big": 30}, 2))
+    with caplog.at_level("INFO", logger="storystudio.models.model_manager"):
+        a = mgr.ensure("a")
+        s = a.checksum()
+        mgr.warm_host_buffers("a")  # waits for the background allocation; must not allocate again
+        assert any("allocated pageable host buffer for a.big" in r.message for r in caplog.records)
+        mgr.ensure("b")
+    assert mgr.component_residency()["a.big"] is False
+    assert any("could not pin" in r.message for r in caplog.records)
+    allocations = [r.message for r in caplog.records if "host buffer for a.big" in r.message]
+    assert len(allocations) == 1, "the first park must reuse the background buffer, not allocate again"
+    assert mgr.ensure("a").checksum() == s

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -81,6 +82,7 @@ class _Component:
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = offset
         self.host: torch.Tensor | None = None  # flat host buffer, kept for the life of the process
+        self.host_future: Future[torch.Tensor] | None = None  # background pinning after a cold load
         # Freshly loaded weights are scattered allocations; after the first restore they are
         # views into one flat device buffer, and parking becomes a single copy.
         self.device_flat: torch.Tensor | None = None
@@ -189,6 +191,7 @@ class ModelManager:
         self._restored_bytes = 0
         self._oom_retries = 0
         self._move_seconds = 0.0  # time inside park/restore copies only (not cold loads)
+        self._pinner: ThreadPoolExecutor | None = None
         logger.info(
             "ModelManager on %s, budget %s, pinned host buffers: %s",
             self.device,
@@ -295,11 +298,7 @@ class ModelManager:
                     self.park(ms.name)
 
     def warm_host_buffers(self, name: str) -> None:
-        """Allocate a set's pinned host buffers now rather than at its first park.
-
-        Pinning tens of GB takes seconds; doing it right after the cold load (while
-        the first job runs on the GPU) keeps that cost out of the first swap.
-        """
+        """Allocate (or wait for) a set's pinned host buffers now rather than at its first park."""
         with self._lock:
             for comp in self._get(name).components:
                 self._host_buffer(comp)
@@ -376,23 +375,51 @@ class ModelManager:
                     self._restore(comp)
         gib = sum(c.nbytes for c in ms.components) / GiB
         logger.info("loaded model set %s: %.2f GiB of weights in %.2f s", ms.name, gib, ms.load_seconds)
+        self._pin_in_background(ms)
+
+    def _pin_in_background(self, ms: _ModelSet) -> None:
+        """Start allocating the set's pinned host buffers while its first job runs.
+
+        Pinning measured 16.8 s for the 30 GiB Wan DiT on an H100 host: paid inside a
+        swap it would dwarf the 0.6 s copy. cudaHostAlloc does not stall the GPU, so a
+        background thread hides it behind generation; a park that comes sooner waits.
+        """
+        if not self.pin_memory:
+            return
+        if self._pinner is None:
+            self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin-host")
+        for comp in ms.components:
+            if comp.host is None and comp.host_future is None:
+                comp.host_future = self._pinner.submit(self._allocate_host, comp.key, comp.nbytes)
 
     def _host_buffer(self, comp: _Component) -> torch.Tensor:
         if comp.host is None:
-            t0 = time.perf_counter()
-            try:
-                comp.host = torch.empty(comp.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-            except RuntimeError as exc:  # not enough pinnable memory: slower, but still correct
-                logger.warning("could not pin %.2f GiB for %s (%s); using pageable memory", comp.nbytes / GiB, comp.key, exc)
-                comp.host = torch.empty(comp.nbytes, dtype=torch.uint8)
-            logger.info(
-                "allocated %s host buffer for %s: %.2f GiB in %.2f s",
-                "pinned" if comp.host.is_pinned() else "pageable",
-                comp.key,
-                comp.nbytes / GiB,
-                time.perf_counter() - t0,
-            )
+            if comp.host_future is not None:
+                t0 = time.perf_counter()
+                comp.host = comp.host_future.result()
+                comp.host_future = None
+                waited = time.perf_counter() - t0
+                if waited > 0.01:
+                    logger.info("waited %.2f s for the background pinning of %s", waited, comp.key)
+            else:
+                comp.host = self._allocate_host(comp.key, comp.nbytes)
         return comp.host
+
+    def _allocate_host(self, key: str, nbytes: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        except RuntimeError as exc:  # not enough pinnable memory: slower, but still correct
+            logger.warning("could not pin %.2f GiB for %s (%s); using pageable memory", nbytes / GiB, key, exc)
+            host = torch.empty(nbytes, dtype=torch.uint8)
+        logger.info(
+            "allocated %s host buffer for %s: %.2f GiB in %.2f s",
+            "pinned" if host.is_pinned() else "pageable",
+            key,
+            nbytes / GiB,
+            time.perf_counter() - t0,
+        )
+        return host
 
     @staticmethod
     def _view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
