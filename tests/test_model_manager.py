@@ -238,7 +238,7 @@ def test_host_buffers_are_allocated_in_background_after_cold_load(caplog):
     """
     mgr = ModelManager("cpu", budget_gib=60 * MiB / GiB, pin_memory=True)
     mgr.register("a", lambda d: FakeEngine(d, {"big": 40}, 1))
-    mgr.register("b", lambda d: FakeEngine(d, {"big": 30}, 2))
+    mgr.register("b", lambda d: FakeEngine(d, {"big": 30}, 2), size_hint_bytes=30 * MiB)
     with caplog.at_level("INFO", logger="storystudio.models.model_manager"):
         a = mgr.ensure("a")
         s = a.checksum()
