@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from storystudio.errors import GenerationError
+from storystudio.models.host_memory import HostBuffer, plan_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ class _Component:
             self.slots.append(_Slot(t, offset, nbytes, t.dtype, t.shape))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = offset
-        self.host: torch.Tensor | None = None  # flat host buffer, kept for the life of the process
-        self.host_future: Future[torch.Tensor] | None = None  # background pinning after a cold load
+        self.host: HostBuffer | None = None  # flat host copy, kept for the life of the process
+        self.pinning: Future[None] | None = None  # background page-locking after a cold load
         # Freshly loaded weights are scattered allocations; after the first restore they are
         # views into one flat device buffer, and parking becomes a single copy.
         self.device_flat: torch.Tensor | None = None
@@ -378,48 +379,38 @@ class ModelManager:
         self._pin_in_background(ms)
 
     def _pin_in_background(self, ms: _ModelSet) -> None:
-        """Start allocating the set's pinned host buffers while its first job runs.
+        """Page-lock the set's host buffers while its first job runs.
 
-        Pinning measured 16.8 s for the 30 GiB Wan DiT on an H100 host: paid inside a
-        swap it would dwarf the 0.6 s copy. cudaHostAlloc does not stall the GPU, so a
-        background thread hides it behind generation; a park that comes sooner waits.
+        Pinning measured 16.8 s for the 30 GiB Wan DiT: paid inside a swap it would
+        dwarf the 0.6 s copy. :class:`HostBuffer` locks ~256 MiB at a time so the GPU
+        work of the running job is not held up; a park that comes sooner waits.
         """
         if not self.pin_memory:
             return
         if self._pinner is None:
             self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin-host")
         for comp in ms.components:
-            if comp.host is None and comp.host_future is None:
-                comp.host_future = self._pinner.submit(self._allocate_host, comp.key, comp.nbytes)
+            if comp.host is None:
+                comp.host = self._new_host_buffer(comp)
+                comp.pinning = self._pinner.submit(comp.host.pin)
 
-    def _host_buffer(self, comp: _Component) -> torch.Tensor:
+    def _new_host_buffer(self, comp: _Component) -> HostBuffer:
+        ranges = [(s.offset, s.offset + s.nbytes) for s in comp.slots]
+        return HostBuffer(comp.key, comp.nbytes, plan_chunks(ranges, comp.nbytes))
+
+    def _host_buffer(self, comp: _Component) -> HostBuffer:
         if comp.host is None:
-            if comp.host_future is not None:
-                t0 = time.perf_counter()
-                comp.host = comp.host_future.result()
-                comp.host_future = None
-                waited = time.perf_counter() - t0
-                if waited > 0.01:
-                    logger.info("waited %.2f s for the background pinning of %s", waited, comp.key)
-            else:
-                comp.host = self._allocate_host(comp.key, comp.nbytes)
+            comp.host = self._new_host_buffer(comp)
+            if self.pin_memory:
+                comp.host.pin()
+        if comp.pinning is not None:
+            t0 = time.perf_counter()
+            comp.pinning.result()
+            comp.pinning = None
+            waited = time.perf_counter() - t0
+            if waited > 0.01:
+                logger.info("waited %.2f s for the background pinning of %s", waited, comp.key)
         return comp.host
-
-    def _allocate_host(self, key: str, nbytes: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-        except RuntimeError as exc:  # not enough pinnable memory: slower, but still correct
-            logger.warning("could not pin %.2f GiB for %s (%s); using pageable memory", nbytes / GiB, key, exc)
-            host = torch.empty(nbytes, dtype=torch.uint8)
-        logger.info(
-            "allocated %s host buffer for %s: %.2f GiB in %.2f s",
-            "pinned" if host.is_pinned() else "pageable",
-            key,
-            nbytes / GiB,
-            time.perf_counter() - t0,
-        )
-        return host
 
     @staticmethod
     def _view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
@@ -432,14 +423,14 @@ class ModelManager:
         t0 = time.perf_counter()
         host = self._host_buffer(comp)
         if comp.device_flat is not None:
-            host.copy_(comp.device_flat, non_blocking=True)
+            host.copy_from(comp.device_flat)
         else:
             for slot in comp.slots:
                 if slot.nbytes:
-                    self._view(host, slot).copy_(slot.tensor.data, non_blocking=True)
+                    self._view(host.tensor, slot).copy_(slot.tensor.data, non_blocking=True)
         self._sync()  # the copies must land before the device memory can be reused
         for slot in comp.slots:
-            slot.tensor.data = self._view(host, slot)
+            slot.tensor.data = self._view(host.tensor, slot)
         comp.device_flat = None
         comp.on_device = False
         self._parked_bytes += comp.nbytes
@@ -449,18 +440,18 @@ class ModelManager:
 
     def _restore(self, comp: _Component) -> None:
         t0 = time.perf_counter()
-        host = comp.host
-        if host is None:  # weights that never lived on the device (engine loaded them on the host)
-            host = self._host_buffer(comp)
+        fresh = comp.host is None  # weights that never lived on the device (engine loaded them on the host)
+        host = self._host_buffer(comp)
+        if fresh:
             for slot in comp.slots:
                 if slot.nbytes:
-                    self._view(host, slot).copy_(slot.tensor.data)
+                    self._view(host.tensor, slot).copy_(slot.tensor.data)
         try:
             flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
         except torch.OutOfMemoryError:
             self._free_cuda_cache()
             flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
-        flat.copy_(host, non_blocking=True)
+        host.copy_to(flat)
         for slot in comp.slots:
             slot.tensor.data = self._view(flat, slot)
         comp.device_flat = flat
