@@ -86,7 +86,6 @@ class Worker:
         t0 = time.perf_counter()
         try:
             self.manager.ensure(name)
-            self.manager.warm_host_buffers(name)
         except Exception:  # a broken volume must not keep the worker from answering jobs with a clear error
             logger.exception("pre-warming model set %s failed; jobs will report the error", name)
             return
