@@ -224,3 +224,18 @@ def test_config_without_optional_keys_is_accepted(copy):
         cfg.pop(key)
     (copy / "config.json").write_text(json.dumps(cfg))
     ws.validate_wan_s2v(copy)
+
+
+def test_wav2vec_tokenizer_extras_are_optional(wan_tiny, tmp_path):
+    """Wav2Vec2Processor loads without tokenizer_config.json / special_tokens_map.json; so does the validator."""
+    import shutil
+
+    copy = tmp_path / "wan"
+    shutil.copytree(wan_tiny, copy)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (copy / ws.WAV2VEC_DIR / name).unlink()
+    ws.validate_wan_s2v(copy)
+    from transformers import Wav2Vec2Processor
+
+    proc = Wav2Vec2Processor.from_pretrained(copy / ws.WAV2VEC_DIR)
+    assert proc.feature_extractor.sampling_rate == 16000

@@ -63,12 +63,13 @@ T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"  # s2v_14B.t5_checkpoint
 VAE_FILE = "Wan2.1_VAE.pth"  # s2v_14B.vae_checkpoint
 TOKENIZER_DIR = "google/umt5-xxl"  # s2v_14B.t5_tokenizer, relative to the folder
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"  # s2v_14B.wav2vec
+# What Wav2Vec2ForCTC + Wav2Vec2Processor cannot load without. tokenizer_config.json and
+# special_tokens_map.json are written by the synthetic writer but not required: the
+# processor falls back to defaults, and whether the release ships them is unverified.
 WAV2VEC_FILES = (
     "config.json",
     "preprocessor_config.json",
     "vocab.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
 )
 WAV2VEC_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
