@@ -134,3 +134,14 @@ def test_broken_checkpoint_is_refused(ckpt, tmp_path):
     with pytest.raises(CheckpointError) as ei:
         ZImageGenerator.from_pretrained(bad)
     assert ei.value.code == "checkpoint_missing" and "vae/diffusion_pytorch_model.safetensors" in ei.value.message
+
+
+def test_out_of_memory_reaches_the_model_manager(gen, monkeypatch):
+    """OOM must not be turned into a job error here: the manager parks the other set and retries."""
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(gen._pipe.transformer, "forward", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        gen.generate(_req(steps=1))

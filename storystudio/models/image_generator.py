@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
+from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident
 from storystudio.models.checkpoints.zimage import validate_zimage
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ MIN_SIZE = 256
 MAX_SIZE = 2048
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
-MAX_SEED = 2**63 - 1
 # Official Turbo recipe: 8 DiT forwards (this diffusers' default sigmas give one
 # forward per step), guidance_scale 0.0 -- the distilled model needs no CFG.
 DEFAULT_STEPS = 8
@@ -57,14 +57,6 @@ class ImageResult:
     width: int
     height: int
     seconds: float
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class ZImageGenerator:
@@ -103,7 +95,7 @@ class ZImageGenerator:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        dtype = dtype or _default_dtype(device)
+        dtype = dtype or default_dtype(device)
         # A single-device map loads tensors directly on that device.
         kw = {"device_map": str(device)} if device.type != "cpu" else {}
         t0 = time.perf_counter()
@@ -149,29 +141,19 @@ class ZImageGenerator:
         m = self.vae_scale
         for field in ("width", "height"):
             v = getattr(request, field)
-            if not _is_int(v):
+            if not is_int(v):
                 raise InvalidInput(f"{field} must be an integer, got {v!r}")
             if not MIN_SIZE <= v <= MAX_SIZE:
                 raise InvalidInput(f"{field} must be between {MIN_SIZE} and {MAX_SIZE}, got {v}")
             if v % m:
                 raise InvalidInput(f"{field} must be a multiple of {m}, got {v}")
-        if not _is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
+        if not is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
             raise InvalidInput(f"steps must be an integer between 1 and {MAX_STEPS}, got {request.steps!r}")
         g = request.guidance
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
             raise InvalidInput(f"guidance must be a number between 0 and {MAX_GUIDANCE}, got {g!r}")
-        if request.seed is not None and (not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
+        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
             raise InvalidInput(f"seed must be an integer between 0 and {MAX_SEED}, got {request.seed!r}")
-
-    def _check_placement(self) -> None:
-        for name, module in self.components().items():
-            for p in module.parameters():
-                if p.device != self.device:
-                    raise GenerationError(
-                        f"{name} weights are on {p.device}, not on {self.device}: the model is not resident",
-                        code="generation_failed",
-                    )
-                break
 
     def generate(
         self,
@@ -179,7 +161,7 @@ class ZImageGenerator:
         progress: Callable[[int, int], None] | None = None,
     ) -> ImageResult:
         self.validate(request)
-        self._check_placement()
+        require_resident(self.components(), self.device)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         steps = request.steps
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -204,9 +186,8 @@ class ZImageGenerator:
                     callback_on_step_end_tensor_inputs=[],
                     output_type="pil",
                 )
-        except torch.cuda.OutOfMemoryError as exc:
-            raise GenerationError(f"out of GPU memory generating {request.width}x{request.height}: {exc}",
-                                  code="out_of_memory") from exc
+        except torch.cuda.OutOfMemoryError:
+            raise  # the ModelManager retries once with everything else parked, then reports out_of_memory
         except (RuntimeError, ValueError) as exc:
             raise GenerationError(f"image generation failed: {type(exc).__name__}: {exc}") from exc
         if self.device.type == "cuda":

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
+from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident
 from storystudio.models.checkpoints.common import read_json
 from storystudio.models.checkpoints.wan_s2v import (
     CONFIG_FILE,
@@ -62,7 +63,6 @@ RESOLUTIONS = {"480p": 480 * 832, "720p": 720 * 1280}  # official generate.py ma
 SOLVERS = ("unipc", "dpm++")
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
-MAX_SEED = 2**63 - 1
 MAX_INFER_FRAMES = 160
 MIN_AREA = 64 * 64
 MAX_AREA = 1280 * 1280
@@ -97,16 +97,8 @@ class VideoResult:
     seconds: float
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _is_num(v) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------- official helpers
@@ -236,7 +228,7 @@ class WanS2VGenerator:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        dtype = dtype or _default_dtype(device)
+        dtype = dtype or default_dtype(device)
         wan22.import_wan()
         t0 = time.perf_counter()
         try:
@@ -268,16 +260,6 @@ class WanS2VGenerator:
             "audio_encoder": self.audio_encoder.model,
         }
 
-    def _check_placement(self) -> None:
-        for name, module in self.components().items():
-            for p in module.parameters():
-                if p.device != self.device:
-                    raise GenerationError(
-                        f"{name} weights are on {p.device}, not on {self.device}: the model is not resident",
-                        code="generation_failed",
-                    )
-                break
-
     # ------------------------------------------------------------------ validation
     def validate(self, request: VideoRequest) -> None:
         if not isinstance(request.image, Image.Image):
@@ -297,20 +279,20 @@ class WanS2VGenerator:
             raise InvalidInput("negative_prompt must be a string or null")
         if request.max_area is None and request.resolution not in RESOLUTIONS:
             raise InvalidInput(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {request.resolution!r}")
-        if request.max_area is not None and (not _is_int(request.max_area)
+        if request.max_area is not None and (not is_int(request.max_area)
                                              or not MIN_AREA <= request.max_area <= MAX_AREA):
             raise InvalidInput(f"max_area must be an integer between {MIN_AREA} and {MAX_AREA}, "
                                f"got {request.max_area!r}")
         f = request.infer_frames
-        if not _is_int(f) or f < 4 or f > MAX_INFER_FRAMES or f % 4:
+        if not is_int(f) or f < 4 or f > MAX_INFER_FRAMES or f % 4:
             raise InvalidInput(f"infer_frames must be a multiple of 4 between 4 and {MAX_INFER_FRAMES}, got {f!r}")
-        if not _is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
+        if not is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
             raise InvalidInput(f"steps must be an integer between 1 and {MAX_STEPS}, got {request.steps!r}")
         if not _is_num(request.guidance) or not 0 <= request.guidance <= MAX_GUIDANCE:
             raise InvalidInput(f"guidance must be a number between 0 and {MAX_GUIDANCE}, got {request.guidance!r}")
         if not _is_num(request.shift) or not 0 < request.shift <= 100:
             raise InvalidInput(f"shift must be a number in (0, 100], got {request.shift!r}")
-        if request.seed is not None and (not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
+        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
             raise InvalidInput(f"seed must be an integer between 0 and {MAX_SEED}, got {request.seed!r}")
         if request.solver not in SOLVERS:
             raise InvalidInput(f"solver must be one of {', '.join(SOLVERS)}, got {request.solver!r}")
@@ -392,7 +374,7 @@ class WanS2VGenerator:
     # ------------------------------------------------------------------ generation
     def generate(self, request: VideoRequest, progress: Callable[[int, int], None] | None = None) -> VideoResult:
         self.validate(request)
-        self._check_placement()
+        require_resident(self.components(), self.device)
         t0 = time.perf_counter()
         try:
             with warnings.catch_warnings():
