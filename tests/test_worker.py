@@ -13,7 +13,7 @@ from PIL import Image
 
 from storystudio import demo
 from storystudio.config import WorkerSettings
-from storystudio.media import encode_audio, probe_media, synth_speech
+from storystudio.media import encode_audio, encode_png, probe_media, synth_speech
 from storystudio.models.image_generator import ZImageGenerator
 from storystudio.storage import StorageSettings
 from storystudio.worker import Worker
@@ -152,3 +152,25 @@ def test_demo_main_job_writes_pngs_and_mp4s(tiny_models, tmp_path, monkeypatch, 
     assert frames == [24, 40]  # 1.5 s and 2.5 s of speech at 16 fps
     assert all(probe_media(p).audio is not None for p in mp4s)
     assert '"scenes_ok": 2' in capsys.readouterr().out
+
+
+def test_nothing_loads_at_start_and_prewarm_loads_only_its_set(tiny_models, tmp_path, caplog):
+    worker = make_worker(tiny_models, tmp_path)
+    worker.prewarm()  # STORYSTUDIO_PREWARM unset: none
+    assert not worker.manager.is_loaded("image") and not worker.manager.is_loaded("video")
+    worker.settings = replace(worker.settings, prewarm="video")
+    with caplog.at_level("INFO"):
+        worker.prewarm()
+    assert worker.manager.is_loaded("video") and not worker.manager.is_loaded("image")
+    assert any("pre-warmed model set video" in r.message for r in caplog.records)
+
+
+def test_prewarm_with_a_broken_volume_leaves_the_worker_answering(tiny_models, tmp_path):
+    worker = make_worker(tiny_models, tmp_path, wan_dir=tmp_path / "empty-volume")
+    worker.settings = replace(worker.settings, prewarm="video")
+    worker.prewarm()  # logs the checkpoint error, does not raise
+    png = base64.b64encode(encode_png(Image.new("RGB", (64, 64), "white"))).decode()
+    r = worker.handle({"id": "v", "input": {"task": "video", "image": png, "audio": data_uri("wav", 1.0), **VIDEO}})
+    assert r["code"] == "checkpoint_missing" and "empty-volume" in r["error"]
+    ok = worker.handle({"id": "i", "input": {"task": "image", "prompt": "x", **IMAGE}})
+    assert "error" not in ok
