@@ -28,8 +28,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -163,9 +162,10 @@ def device_budget_bytes(device: torch.device, *, override_gib: float | None, res
 class ModelManager:
     """Keeps the needed model set in VRAM and parks others in pinned host memory.
 
-    Register each set with a loader; then ``with manager.use(name, working_bytes) as
-    engine:`` makes it resident and holds the generation lock (one generation at a
-    time per GPU). ``run`` adds the out-of-memory retry.
+    Register each set with a loader; ``run(name, fn, working_bytes=...)`` makes it
+    resident and calls ``fn(engine)`` under the generation lock (one generation at a
+    time per GPU), retrying once on CUDA out-of-memory. ``ensure`` alone makes a set
+    resident (the batch uses it to time its one swap).
     """
 
     def __init__(
@@ -246,12 +246,6 @@ class ModelManager:
                 self._swap_seconds += dt
                 logger.info("model set %s resident after %.3f s of parking/restoring", name, dt)
             return ms.engine
-
-    @contextmanager
-    def use(self, name: str, *, working_bytes: int = 0) -> Iterator[Any]:
-        """Hold the generation lock while the set is resident and in use."""
-        with self._lock:
-            yield self.ensure(name, working_bytes=working_bytes)
 
     def run(self, name: str, fn: Callable[[Any], _T], *, working_bytes: int = 0) -> _T:
         """Run ``fn(engine)`` with the set resident; on CUDA OOM park everything else and retry once.
