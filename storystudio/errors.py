@@ -31,7 +31,10 @@ class StoryStudioError(Exception):
 
 
 class InvalidInput(StoryStudioError):
-    """The job input does not match the schema (unknown task, missing field, out of range)."""
+    """The job input does not match the schema (unknown task, missing field, out of range).
+
+    Codes: ``invalid_input``, ``unknown_task``; ``invalid_config`` for a bad env var at start-up.
+    """
 
     code = "invalid_input"
 
@@ -40,7 +43,8 @@ class InputFetchError(StoryStudioError):
     """An input URL/base64 payload could not be fetched or decoded.
 
     Codes: ``input_forbidden`` (scheme or address not allowed), ``input_download_failed``
-    (HTTP error, timeout, connection), ``input_too_large``, ``input_invalid_base64``.
+    (HTTP error, timeout, connection), ``input_too_large``, ``input_empty`` (empty body or
+    payload), ``input_invalid_base64``.
     """
 
     code = "input_download_failed"
@@ -49,8 +53,8 @@ class InputFetchError(StoryStudioError):
 class MediaError(StoryStudioError):
     """Image/audio/video bytes are not what they claim to be.
 
-    Codes: ``invalid_image``, ``invalid_audio``, ``empty_audio``, ``invalid_video``,
-    ``encode_failed``.
+    Codes: ``invalid_image``, ``image_too_large`` (pixel limit, decompression bomb),
+    ``invalid_audio``, ``empty_audio``, ``audio_too_long``, ``invalid_video``, ``encode_failed``.
     """
 
     code = "invalid_media"
