@@ -57,7 +57,7 @@ def story_job(seconds: tuple[float, ...] = (1.5, 2.5)) -> dict:
             }
         )
     return {
-        "id": "demo-story",
+        "id": "demo-job",
         "input": {
             "task": "batch",
             "project_id": "demo-story",
