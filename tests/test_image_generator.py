@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
-from storystudio.models.checkpoints.zimage import write_zimage_checkpoint
 from storystudio.models.image_generator import ImageRequest, ImageResult, ZImageGenerator
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_zimage_checkpoint(tmp_path_factory.mktemp("zimg") / "Z-Image-Turbo", "tiny", seed=0)
+def ckpt(tiny_models):
+    return tiny_models[0]  # the session's tiny Z-Image-Turbo folder (read-only here; copied before damage)
 
 
 @pytest.fixture(scope="module")

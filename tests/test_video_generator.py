@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from storystudio.errors import GenerationError, InvalidInput
-from storystudio.models.checkpoints.wan_s2v import write_wan_s2v_checkpoint
 from storystudio.models.video_generator import (
     VideoRequest,
     WanS2VGenerator,
@@ -19,9 +18,8 @@ AREA = 64 * 64
 
 
 @pytest.fixture(scope="session")
-def wan_gen(tmp_path_factory) -> WanS2VGenerator:
-    path = write_wan_s2v_checkpoint(tmp_path_factory.mktemp("wan_gen") / "Wan2.2-S2V-14B", "tiny", seed=0)
-    return WanS2VGenerator.from_pretrained(path, device="cpu")
+def wan_gen(tiny_models) -> WanS2VGenerator:
+    return WanS2VGenerator.from_pretrained(tiny_models[1], device="cpu")
 
 
 def _image() -> Image.Image:
