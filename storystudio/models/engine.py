@@ -15,6 +15,18 @@ from storystudio.errors import GenerationError
 MAX_SEED = 2**63 - 1
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cuda`` becomes ``cuda:<current>`` so that ``tensor.device == device`` comparisons hold.
+
+    Parameters report an indexed device; the residency checks of the engines and the
+    ModelManager compare against it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (the official release dtype); float32 on CPU, where bf16 kernels are slow or missing."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
-from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident
+from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.checkpoints.zimage import validate_zimage
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,7 @@ class ZImageGenerator:
 
         root = Path(path)
         validate_zimage(root)
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         # A single-device map loads tensors directly on that device.
         kw = {"device_map": str(device)} if device.type != "cpu" else {}

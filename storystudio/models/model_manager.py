@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from storystudio.errors import GenerationError
+from storystudio.models.engine import resolve_device
 from storystudio.models.host_memory import HostBuffer, plan_chunks
 
 logger = logging.getLogger(__name__)
@@ -176,9 +177,7 @@ class ModelManager:
         reserve_gib: float = 1.5,
         pin_memory: bool | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)
         self.budget_bytes = device_budget_bytes(self.device, override_gib=budget_gib, reserve_gib=reserve_gib)
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
         self._sets: dict[str, _ModelSet] = {}

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
-from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident
+from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.checkpoints.common import read_json
 from storystudio.models.checkpoints.wan_s2v import (
     CONFIG_FILE,
@@ -225,9 +225,7 @@ class WanS2VGenerator:
         """
         root = Path(path)
         validate_wan_s2v(root)
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         wan22.import_wan()
         t0 = time.perf_counter()
