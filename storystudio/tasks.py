@@ -1,8 +1,9 @@
-"""Job input schemas and the router from ``input.task`` to the code that runs it.
+"""Job input schemas: the worker's public contract with the story app.
 
-The schemas are the worker's public contract with the story app: defaults, limits
-and unknown-field rejection live here, so a bad request fails in milliseconds with
-``invalid_input`` / ``unknown_task`` before any model is touched.
+Defaults, limits and unknown-field rejection live here, so a bad request fails in
+milliseconds with ``invalid_input`` / ``unknown_task`` before any model is touched.
+This module imports no runner, engine or torch (the router is
+:func:`storystudio.worker.route`), so the backend client can validate jobs cheaply.
 """
 
 from __future__ import annotations
@@ -142,20 +143,3 @@ def parse_job_input(raw: Any) -> ImageTask | VideoTask | BatchTask:
     except ValidationError as err:
         raise InvalidInput(f"invalid {task} input: {_describe(err)}") from None
 
-
-def route(task: ImageTask | VideoTask | BatchTask):
-    """The runner for a parsed task: ``runner(ctx, task, progress) -> result dict``.
-
-    Imported lazily so that validating input never pulls in torch or the engines.
-    """
-    if isinstance(task, ImageTask):
-        from storystudio.render import run_image_task
-
-        return run_image_task
-    if isinstance(task, VideoTask):
-        from storystudio.render import run_video_task
-
-        return run_video_task
-    from storystudio.batch import run_batch
-
-    return run_batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,11 +24,24 @@ from storystudio.errors import StoryStudioError
 from storystudio.models.footprint import folder_weight_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.progress import ProgressReporter, Sink
-from storystudio.render import IMAGE_SET, VIDEO_SET, RenderContext
+from storystudio.batch import run_batch
+from storystudio.render import IMAGE_SET, VIDEO_SET, RenderContext, run_image_task, run_video_task
 from storystudio.storage import Storage, make_storage
-from storystudio.tasks import BatchTask, parse_job_input, route
+from storystudio.tasks import BatchTask, ImageTask, VideoTask, parse_job_input
 
 logger = logging.getLogger(__name__)
+
+
+Runner = Callable[[RenderContext, Any, ProgressReporter], dict[str, Any]]
+
+
+def route(task: ImageTask | VideoTask | BatchTask) -> Runner:
+    """The runner for a parsed task: ``runner(ctx, task, progress) -> result dict``."""
+    if isinstance(task, ImageTask):
+        return run_image_task
+    if isinstance(task, VideoTask):
+        return run_video_task
+    return run_batch
 
 
 def _image_loader(settings: WorkerSettings):
