@@ -34,8 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storystudio.models.checkpoints.wan_s2v import write_wan_s2v_checkpoint  # noqa: E402
-from storystudio.models.checkpoints.zimage import write_zimage_checkpoint  # noqa: E402
+from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint  # noqa: E402
+from storystudio.synthetic.zimage import write_zimage_checkpoint  # noqa: E402
 from storystudio.models.footprint import image_working_bytes, video_working_bytes  # noqa: E402
 from storystudio.models.image_generator import ImageRequest, ZImageGenerator  # noqa: E402
 from storystudio.models.model_manager import GiB, ModelManager  # noqa: E402

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storystudio.config import WorkerSettings  # noqa: E402
 from storystudio.media import encode_audio, probe_media, synth_speech  # noqa: E402
-from storystudio.models.checkpoints.wan_s2v import write_wan_s2v_checkpoint  # noqa: E402
-from storystudio.models.checkpoints.zimage import write_zimage_checkpoint  # noqa: E402
+from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint  # noqa: E402
+from storystudio.synthetic.zimage import write_zimage_checkpoint  # noqa: E402
 from storystudio.models.model_manager import GiB  # noqa: E402
 from storystudio.storage import StorageSettings  # noqa: E402
 from storystudio.worker import Worker  # noqa: E402

@@ -28,8 +28,10 @@ logger = logging.getLogger("storystudio.demo")
 
 def ensure_tiny_checkpoints(models_dir: Path) -> tuple[Path, Path]:
     """Write the tiny checkpoints unless a valid copy is already there."""
-    from storystudio.models.checkpoints.wan_s2v import validate_wan_s2v, write_wan_s2v_checkpoint
-    from storystudio.models.checkpoints.zimage import validate_zimage, write_zimage_checkpoint
+    from storystudio.models.checkpoints.wan_s2v import validate_wan_s2v
+    from storystudio.models.checkpoints.zimage import validate_zimage
+    from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint
+    from storystudio.synthetic.zimage import write_zimage_checkpoint
 
     zdir, wdir = models_dir / "Z-Image-Turbo", models_dir / "Wan2.2-S2V-14B"
     for path, validate, write in ((zdir, validate_zimage, write_zimage_checkpoint), (wdir, validate_wan_s2v, write_wan_s2v_checkpoint)):

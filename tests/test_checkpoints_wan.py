@@ -12,12 +12,13 @@ import torch
 
 from storystudio.errors import CheckpointError
 from storystudio.models.checkpoints import wan_s2v as ws
+from storystudio.synthetic import wan_s2v as sw
 
 
 @pytest.fixture(scope="session")
 def wan_tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wan") / "Wan2.2-S2V-14B"
-    assert ws.main(["--profile", "tiny", "--out", str(out)]) == 0  # the CLI writes + validates
+    assert sw.main(["--profile", "tiny", "--out", str(out)]) == 0  # the CLI writes + validates
     return out
 
 
@@ -86,16 +87,16 @@ def test_files_load_with_the_official_readers_and_dtypes(wan_tiny):
 
 
 def test_writer_is_deterministic_per_seed(tmp_path):
-    a = ws.write_wan_s2v_checkpoint(tmp_path / "a", "tiny", seed=1)
-    b = ws.write_wan_s2v_checkpoint(tmp_path / "b", "tiny", seed=1)
-    c = ws.write_wan_s2v_checkpoint(tmp_path / "c", "tiny", seed=2)
+    a = sw.write_wan_s2v_checkpoint(tmp_path / "a", "tiny", seed=1)
+    b = sw.write_wan_s2v_checkpoint(tmp_path / "b", "tiny", seed=1)
+    c = sw.write_wan_s2v_checkpoint(tmp_path / "c", "tiny", seed=2)
     name = sorted(p.name for p in a.glob("diffusion_pytorch_model-*.safetensors"))[0]
     assert (a / name).read_bytes() == (b / name).read_bytes()
     assert (a / name).read_bytes() != (c / name).read_bytes()
 
 
 def test_full_profile_is_the_release_architecture_on_meta():
-    cfg = ws.transformer_config("full")
+    cfg = sw.transformer_config("full")
     model = ws.meta_transformer(cfg)
     assert all(p.is_meta for p in model.parameters())
     n = sum(p.numel() for p in model.parameters())
@@ -105,28 +106,28 @@ def test_full_profile_is_the_release_architecture_on_meta():
     assert not any(k.startswith(("motioner.", "zip_motion_out.")) for k in sd)
     assert len(model.audio_injector.injector) == 12
     assert sd["casual_audio_encoder.weights"].shape == (1, 25, 1, 1)
-    specs = ws.specs_of(model, torch.bfloat16)
-    shards = ws.plan_shards(specs, 10_000_000_000)
+    specs = sw.specs_of(model, torch.bfloat16)
+    shards = sw.plan_shards(specs, 10_000_000_000)
     assert len(shards) == 4 and abs(sum(s.nbytes for s in specs) - 32.59e9) < 0.05e9
 
-    t5 = ws.meta_t5(ws.t5_arch("full"))
+    t5 = ws.meta_t5(sw.t5_arch("full"))
     assert 5.6e9 < sum(p.numel() for p in t5.parameters()) < 5.8e9  # 11.4 GB in bf16
-    assert ws.t5_arch_from_state({k: tuple(v.shape) for k, v in t5.state_dict().items()}) == ws.t5_arch("full")
+    assert ws.t5_arch_from_state({k: tuple(v.shape) for k, v in t5.state_dict().items()}) == sw.t5_arch("full")
     vae = ws.meta_vae(96)
     assert 1.2e8 < sum(p.numel() for p in vae.parameters()) < 1.3e8  # 508 MB in fp32
-    w2v = ws.meta_wav2vec(ws.wav2vec_config("full"))
+    w2v = ws.meta_wav2vec(sw.wav2vec_config("full"))
     assert 3.1e8 < sum(p.numel() for p in w2v.parameters()) < 3.2e8  # wav2vec2-large
-    assert ws.wav2vec_config("full")["hidden_size"] == cfg["audio_dim"]
+    assert sw.wav2vec_config("full")["hidden_size"] == cfg["audio_dim"]
 
 
 def test_tiny_profile_keeps_the_required_official_values():
-    tiny, full = ws.transformer_config("tiny"), ws.transformer_config("full")
+    tiny, full = sw.transformer_config("tiny"), sw.transformer_config("full")
     for key in ("in_dim", "out_dim", "cond_dim", "enable_framepack", "framepack_drop_mode", "zero_timestep",
                 "enable_adain", "adain_mode", "num_audio_token", "text_len"):
         assert tiny[key] == full[key], key
-    assert ws.t5_arch("tiny")["dim"] == 4096  # WanModel_S2V's text_dim is not read from config.json
-    assert ws.wav2vec_config("tiny")["num_hidden_layers"] == 24  # 25 hidden states
-    assert ws.wav2vec_config("tiny")["hidden_size"] == tiny["audio_dim"]
+    assert sw.t5_arch("tiny")["dim"] == 4096  # WanModel_S2V's text_dim is not read from config.json
+    assert sw.wav2vec_config("tiny")["num_hidden_layers"] == 24  # 25 hidden states
+    assert sw.wav2vec_config("tiny")["hidden_size"] == tiny["audio_dim"]
 
 
 # ---------------------------------------------------------------- validator

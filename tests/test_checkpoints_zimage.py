@@ -11,12 +11,13 @@ import torch
 
 from storystudio.errors import CheckpointError
 from storystudio.models.checkpoints import zimage as zi
+from storystudio.synthetic import zimage as sz
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zimage") / "Z-Image-Turbo"
-    assert zi.main(["--profile", "tiny", "--out", str(out)]) == 0  # the CLI writes + validates
+    assert sz.main(["--profile", "tiny", "--out", str(out)]) == 0  # the CLI writes + validates
     return out
 
 
@@ -104,9 +105,9 @@ def test_tokenizer_is_qwen2_with_the_qwen3_chat_format(tiny):
 def test_writer_is_deterministic_per_seed(tmp_path):
     from safetensors.torch import load_file
 
-    a = zi.write_zimage_checkpoint(tmp_path / "a", "tiny", seed=3)
-    b = zi.write_zimage_checkpoint(tmp_path / "b", "tiny", seed=3)
-    c = zi.write_zimage_checkpoint(tmp_path / "c", "tiny", seed=4)
+    a = sz.write_zimage_checkpoint(tmp_path / "a", "tiny", seed=3)
+    b = sz.write_zimage_checkpoint(tmp_path / "b", "tiny", seed=3)
+    c = sz.write_zimage_checkpoint(tmp_path / "c", "tiny", seed=4)
     rel = "vae/diffusion_pytorch_model.safetensors"
     assert (a / rel).read_bytes() == (b / rel).read_bytes()
     va, vc = load_file(a / rel), load_file(c / rel)
@@ -120,12 +121,12 @@ def test_streaming_writer_round_trips(tmp_path):
 
     specs = [zi.TensorSpec("a.weight", (3, 5)), zi.TensorSpec("a.bias", (3,)), zi.TensorSpec("n.weight", (7,))]
     tensors = {"a.weight": torch.randn(3, 5), "a.bias": torch.randn(3), "n.weight": torch.randn(7)}
-    n = zi.write_safetensors_streaming(tmp_path / "x.safetensors", specs, lambda s: tensors[s.name], torch.float32)
+    n = sz.write_safetensors_streaming(tmp_path / "x.safetensors", specs, lambda s: tensors[s.name], torch.float32)
     assert n == (15 + 3 + 7) * 4
     back = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     with pytest.raises(RuntimeError):
-        zi.write_safetensors_streaming(tmp_path / "y.safetensors", specs, lambda s: torch.zeros(1), torch.float32)
+        sz.write_safetensors_streaming(tmp_path / "y.safetensors", specs, lambda s: torch.zeros(1), torch.float32)
     assert not (tmp_path / "y.safetensors").exists()
 
 
@@ -133,7 +134,7 @@ def test_streaming_writer_round_trips(tmp_path):
 
 
 def test_full_profile_specs_match_the_release():
-    spec = zi.profile_spec("full")
+    spec = sz.profile_spec("full")
     t = zi.transformer_specs(spec.transformer)  # meta tensors: no allocation
     n = zi.count_params(t)
     assert abs(n - 6.15e9) / 6.15e9 < 0.01
@@ -147,19 +148,19 @@ def test_full_profile_specs_match_the_release():
 
 
 def test_full_profile_shards_reproduce_the_official_indexes():
-    spec = zi.profile_spec("full")
+    spec = sz.profile_spec("full")
     facts = zi.OFFICIAL_FILE_FACTS
     t = zi.transformer_specs(spec.transformer)
     # float32 (as released) and bf16 (our default, shard limit scaled) give the same shards
-    fp32 = zi.plan_shards(t, 4, spec.transformer_shard_bytes_fp32)
-    bf16 = zi.plan_shards(t, 2, spec.transformer_shard_bytes_fp32 // 2)
+    fp32 = sz.plan_shards(t, 4, spec.transformer_shard_bytes_fp32)
+    bf16 = sz.plan_shards(t, 2, spec.transformer_shard_bytes_fp32 // 2)
     assert len(fp32) == 3 and [[s.name for s in x] for x in fp32] == [[s.name for s in x] for x in bf16]
     wm = {s.name: f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i, sh in enumerate(fp32, 1) for s in sh}
-    idx = zi.index_json(wm, facts["transformer_total_size_fp32"])
+    idx = sz.index_json(wm, facts["transformer_total_size_fp32"])
     assert len(idx.encode()) == facts["transformer_index_bytes"]
 
     te = zi.text_encoder_specs(spec.text_encoder)
-    shards = zi.plan_shards(te, 2, spec.text_encoder_shard_bytes)
+    shards = sz.plan_shards(te, 2, spec.text_encoder_shard_bytes)
     assert len(shards) == 3
     data = [sum(s.numel * 2 for s in sh) for sh in shards]
     assert sum(data) == facts["text_encoder_total_size_bf16"]
@@ -167,7 +168,7 @@ def test_full_profile_shards_reproduce_the_official_indexes():
     for got, official in zip(data, facts["text_encoder_shard_bytes"]):
         assert 0 < official - got < 64_000
     wm = {s.name: f"model-0000{i}-of-00003.safetensors" for i, sh in enumerate(shards, 1) for s in sh}
-    assert len(zi.index_json(wm, sum(data)).encode()) == facts["text_encoder_index_bytes"]
+    assert len(sz.index_json(wm, sum(data)).encode()) == facts["text_encoder_index_bytes"]
 
 
 # ---------------------------------------------------------------- validator
@@ -258,6 +259,6 @@ def test_every_problem_is_reported_at_once(copy):
 
 
 def test_cli_validate_only(copy):
-    assert zi.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 0
+    assert sz.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 0
     (copy / "model_index.json").unlink()
-    assert zi.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 1
+    assert sz.main(["--profile", "tiny", "--out", str(copy), "--validate-only"]) == 1

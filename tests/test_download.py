@@ -295,9 +295,9 @@ def test_validator_names_resolve_to_the_checkpoint_validators():
 
 
 def test_real_validators_accept_a_complete_folder_and_reject_a_broken_one(tmp_path, monkeypatch, capsys):
-    zimage = pytest.importorskip("storystudio.models.checkpoints.zimage")
+    synthetic = pytest.importorskip("storystudio.synthetic.zimage")
     written = tmp_path / "written"
-    zimage.write_zimage_checkpoint(written, "tiny")
+    synthetic.write_zimage_checkpoint(written, "tiny")
 
     def copy_checkpoint(repo_id, local):
         shutil.copytree(written, local, dirs_exist_ok=True)
@@ -317,8 +317,8 @@ def test_real_validators_accept_a_complete_folder_and_reject_a_broken_one(tmp_pa
 @pytest.mark.parametrize(
     ("key", "module", "writer"),
     [
-        ("zimage", "storystudio.models.checkpoints.zimage", "write_zimage_checkpoint"),
-        ("wan", "storystudio.models.checkpoints.wan_s2v", "write_wan_s2v_checkpoint"),
+        ("zimage", "storystudio.synthetic.zimage", "write_zimage_checkpoint"),
+        ("wan", "storystudio.synthetic.wan_s2v", "write_wan_s2v_checkpoint"),
     ],
 )
 def test_allow_patterns_cover_every_file_of_the_official_layout(key, module, writer, tmp_path):

@@ -1,4 +1,4 @@
-"""Pieces shared by the checkpoint writers and validators of both model layouts.
+"""Pieces shared by the checkpoint validators and loaders of both model layouts.
 
 The validators collect *every* problem in a folder before raising, so an operator
 who copied half a model to the network volume sees the whole list at once instead
@@ -11,13 +11,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
 from storystudio.errors import CheckpointError
-
-Profile = Literal["tiny", "full"]
-PROFILES: tuple[str, ...] = ("tiny", "full")
-
 
 @dataclass
 class Problems:
