@@ -36,11 +36,11 @@ from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTr
 from PIL import Image, ImageOps
 
 from storystudio.errors import InvalidInput, MediaError
+from storystudio.limits import SPEECH_SAMPLE_RATE, VIDEO_FPS
 
 log = logging.getLogger(__name__)
 
 AudioFormat = Literal["wav", "mp3", "m4a", "flac", "ogg", "opus", "webm"]
-SPEECH_RATE = 16_000  # what the wav2vec2 speech encoder of Wan2.2-S2V expects
 
 # fmt -> (container format, codec); "ogg" (Vorbis) is written with soundfile, see above.
 _AUDIO_ENCODERS: dict[str, tuple[str, str]] = {
@@ -321,10 +321,10 @@ def to_mono_16k(clip: AudioClip) -> np.ndarray:
 
     mono = clip.samples.mean(axis=0) if clip.channels > 1 else clip.samples[0]
     mono = np.ascontiguousarray(mono, dtype=np.float32)
-    if clip.sample_rate == SPEECH_RATE or not mono.size:
+    if clip.sample_rate == SPEECH_SAMPLE_RATE or not mono.size:
         return mono
-    out = soxr.resample(mono, clip.sample_rate, SPEECH_RATE, quality="HQ")
-    size = math.ceil(mono.size * (SPEECH_RATE / clip.sample_rate))  # librosa's exact arithmetic
+    out = soxr.resample(mono, clip.sample_rate, SPEECH_SAMPLE_RATE, quality="HQ")
+    size = math.ceil(mono.size * (SPEECH_SAMPLE_RATE / clip.sample_rate))  # librosa's exact arithmetic
     if out.size < size:
         out = np.pad(out, (0, size - out.size))
     return np.ascontiguousarray(out[:size], dtype=np.float32)
@@ -556,7 +556,7 @@ def encode_mp4(frames: np.ndarray, fps: int, audio: AudioClip | None, out_path: 
     return out_path
 
 
-def decode_video_frames(data: bytes, *, fps: int = 16, max_frames: int | None = None) -> np.ndarray:
+def decode_video_frames(data: bytes, *, fps: int = VIDEO_FPS, max_frames: int | None = None) -> np.ndarray:
     """Decode a video to uint8 ``[T,H,W,3]`` RGB resampled to ``fps`` by timestamps.
 
     Output frame ``j`` (time ``j / fps`` from the first frame) is the source frame on

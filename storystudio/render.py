@@ -24,6 +24,7 @@ from PIL import Image
 
 from storystudio.config import WorkerSettings
 from storystudio.inputs import fetch_bytes
+from storystudio.limits import VIDEO_FPS
 from storystudio.media import AudioClip, decode_audio, decode_video_frames, encode_mp4, encode_png, load_image, to_mono_16k
 from storystudio.models.footprint import image_working_bytes, video_working_bytes
 from storystudio.models.model_manager import ModelManager
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SET = "image"
 VIDEO_SET = "video"
-VIDEO_FPS = 16  # Wan2.2-S2V's sample_fps; pose videos are resampled to it
 Progress = Callable[[int, int], None]
 
 

@@ -12,14 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from storystudio import limits as L
 from storystudio.errors import InvalidInput
 
 TASKS = ("image", "video", "batch")
-RESOLUTIONS: dict[str, int] = {"480p": 480 * 832, "720p": 720 * 1280}  # max pixel area, as Wan's generate.py
 
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-Source = Annotated[str, Field(min_length=1, max_length=80_000_000)]  # URL, data URI or base64
-Prompt = Annotated[str, Field(max_length=4000)]
+Seed = Annotated[int, Field(ge=0, le=L.SEED_MAX)]
+Source = Annotated[str, Field(min_length=1, max_length=L.SOURCE_MAX_CHARS)]  # URL, data URI or base64
+Prompt = Annotated[str, Field(max_length=L.PROMPT_MAX_CHARS)]
+Id = Annotated[str, Field(min_length=1, max_length=L.ID_MAX_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -30,38 +31,39 @@ class ImageParams(_Strict):
     """Z-Image-Turbo settings; Turbo is distilled for ~8 steps without CFG."""
 
     negative_prompt: Prompt = ""
-    width: int = Field(1024, ge=256, le=2048, multiple_of=16)
-    height: int = Field(1024, ge=256, le=2048, multiple_of=16)
-    steps: int = Field(8, ge=1, le=50)
-    guidance: float = Field(0.0, ge=0.0, le=20.0)
+    width: int = Field(L.IMAGE_SIZE_DEFAULT, ge=L.IMAGE_SIZE_MIN, le=L.IMAGE_SIZE_MAX, multiple_of=L.IMAGE_SIZE_MULTIPLE)
+    height: int = Field(L.IMAGE_SIZE_DEFAULT, ge=L.IMAGE_SIZE_MIN, le=L.IMAGE_SIZE_MAX, multiple_of=L.IMAGE_SIZE_MULTIPLE)
+    steps: int = Field(L.IMAGE_STEPS_DEFAULT, ge=1, le=L.IMAGE_STEPS_MAX)
+    guidance: float = Field(L.IMAGE_GUIDANCE_DEFAULT, ge=0.0, le=L.IMAGE_GUIDANCE_MAX)
 
 
 class VideoParams(_Strict):
     """Wan2.2-S2V settings (official defaults: 40 steps, guidance 4.5, shift 3 for 480p)."""
 
     negative_prompt: Prompt | None = None
-    resolution: Literal["480p", "720p"] = "480p"
+    resolution: Literal[tuple(L.RESOLUTIONS)] = L.VIDEO_RESOLUTION_DEFAULT  # type: ignore[valid-type]
     max_area: int | None = Field(
-        None, ge=32 * 32, le=720 * 1280, description="pixel area override; wins over resolution"
+        None, ge=L.VIDEO_AREA_MIN, le=L.VIDEO_AREA_MAX, description="pixel area override; wins over resolution"
     )
-    steps: int = Field(40, ge=1, le=100)
-    guidance: float = Field(4.5, ge=0.0, le=20.0)
-    shift: float = Field(3.0, gt=0.0, le=20.0)
-    infer_frames: int = Field(80, ge=4, le=160, multiple_of=4, description="frames per clip")
+    steps: int = Field(L.VIDEO_STEPS_DEFAULT, ge=1, le=L.VIDEO_STEPS_MAX)
+    guidance: float = Field(L.VIDEO_GUIDANCE_DEFAULT, ge=0.0, le=L.VIDEO_GUIDANCE_MAX)
+    shift: float = Field(L.VIDEO_SHIFT_DEFAULT, gt=0.0, le=L.VIDEO_SHIFT_MAX)
+    infer_frames: int = Field(L.INFER_FRAMES_DEFAULT, ge=L.INFER_FRAMES_MIN, le=L.INFER_FRAMES_MAX,
+                              multiple_of=L.INFER_FRAMES_MULTIPLE, description="frames per clip")
 
     @property
     def area(self) -> int:
-        return self.max_area or RESOLUTIONS[self.resolution]
+        return self.max_area or L.RESOLUTIONS[self.resolution]
 
 
 class AudioTrim(_Strict):
-    audio_start: float | None = Field(None, ge=0.0, le=86_400.0)
-    audio_duration: float | None = Field(None, gt=0.0, le=3_600.0)
+    audio_start: float | None = Field(None, ge=0.0, le=L.AUDIO_START_MAX_S)
+    audio_duration: float | None = Field(None, gt=0.0, le=L.AUDIO_DURATION_MAX_S)
 
 
 class ImageTask(ImageParams):
     task: Literal["image"]
-    prompt: Annotated[str, Field(min_length=1, max_length=4000)]
+    prompt: Annotated[str, Field(min_length=1, max_length=L.PROMPT_MAX_CHARS)]
     seed: Seed | None = None
     return_base64: bool = Field(False, description="also return the PNG inline when it is small enough")
 
@@ -78,7 +80,7 @@ class VideoTask(VideoParams, AudioTrim):
 class Scene(AudioTrim):
     """One story scene: an image (generated from ``prompt`` or given) and a talking video."""
 
-    scene_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    scene_id: Id | None = None
     prompt: Prompt | None = None
     image: Source | None = None
     audio: Source
@@ -94,8 +96,8 @@ class Scene(AudioTrim):
 
 class BatchTask(_Strict):
     task: Literal["batch"]
-    project_id: Annotated[str, Field(min_length=1, max_length=128)]
-    scenes: Annotated[list[Scene], Field(min_length=1, max_length=200)]
+    project_id: Id
+    scenes: Annotated[list[Scene], Field(min_length=1, max_length=L.SCENES_MAX)]
     image: ImageParams = Field(default_factory=ImageParams)
     video: VideoParams = Field(default_factory=VideoParams)
     seed: Seed | None = None

@@ -42,10 +42,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from storystudio.errors import InvalidInput
+from storystudio.limits import RESOLUTIONS as LIMITS_RESOLUTIONS
 
 from .errors import BackendError
 
-RESOLUTIONS = ("480p", "720p")
+RESOLUTIONS = tuple(LIMITS_RESOLUTIONS)
 
 
 def _fail(where: str, why: str) -> InvalidInput:

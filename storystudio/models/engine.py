@@ -12,8 +12,6 @@ from torch import nn
 
 from storystudio.errors import GenerationError
 
-MAX_SEED = 2**63 - 1
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``cuda`` becomes ``cuda:<current>`` so that ``tensor.device == device`` comparisons hold.

@@ -23,30 +23,23 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from storystudio import limits as L
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
-from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident, resolve_device
+from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.checkpoints.zimage import validate_zimage
 
 log = logging.getLogger(__name__)
 
-MIN_SIZE = 256
-MAX_SIZE = 2048
-MAX_STEPS = 100
-MAX_GUIDANCE = 20.0
-# Official Turbo recipe: 8 DiT forwards (this diffusers' default sigmas give one
-# forward per step), guidance_scale 0.0 -- the distilled model needs no CFG.
-DEFAULT_STEPS = 8
-DEFAULT_GUIDANCE = 0.0
 
 
 @dataclass
 class ImageRequest:
     prompt: str
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    width: int = L.IMAGE_SIZE_DEFAULT
+    height: int = L.IMAGE_SIZE_DEFAULT
+    steps: int = L.IMAGE_STEPS_DEFAULT
+    guidance: float = L.IMAGE_GUIDANCE_DEFAULT
     seed: int | None = None
 
 
@@ -141,17 +134,17 @@ class ZImageGenerator:
             v = getattr(request, field)
             if not is_int(v):
                 raise InvalidInput(f"{field} must be an integer, got {v!r}")
-            if not MIN_SIZE <= v <= MAX_SIZE:
-                raise InvalidInput(f"{field} must be between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+            if not L.IMAGE_SIZE_MIN <= v <= L.IMAGE_SIZE_MAX:
+                raise InvalidInput(f"{field} must be between {L.IMAGE_SIZE_MIN} and {L.IMAGE_SIZE_MAX}, got {v}")
             if v % m:
                 raise InvalidInput(f"{field} must be a multiple of {m}, got {v}")
-        if not is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
-            raise InvalidInput(f"steps must be an integer between 1 and {MAX_STEPS}, got {request.steps!r}")
+        if not is_int(request.steps) or not 1 <= request.steps <= L.IMAGE_STEPS_MAX:
+            raise InvalidInput(f"steps must be an integer between 1 and {L.IMAGE_STEPS_MAX}, got {request.steps!r}")
         g = request.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-            raise InvalidInput(f"guidance must be a number between 0 and {MAX_GUIDANCE}, got {g!r}")
-        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
-            raise InvalidInput(f"seed must be an integer between 0 and {MAX_SEED}, got {request.seed!r}")
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= L.IMAGE_GUIDANCE_MAX:
+            raise InvalidInput(f"guidance must be a number between 0 and {L.IMAGE_GUIDANCE_MAX}, got {g!r}")
+        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
+            raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
 
     def generate(
         self,

@@ -34,8 +34,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from storystudio import limits as L
+from storystudio.limits import RESOLUTIONS
+from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
+from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
-from storystudio.models.engine import MAX_SEED, default_dtype, is_int, require_resident, resolve_device
+from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.checkpoints.common import read_json
 from storystudio.models.checkpoints.wan_s2v import (
     CONFIG_FILE,
@@ -56,17 +60,6 @@ from storystudio.patches import wan22
 
 log = logging.getLogger(__name__)
 
-FPS = 16  # s2v_14B.sample_fps
-SAMPLE_RATE = 16000
-MOTION_FRAMES = 73  # s2v_14B.transformer.motion_frames
-RESOLUTIONS = {"480p": 480 * 832, "720p": 720 * 1280}  # official generate.py max areas
-SOLVERS = ("unipc", "dpm++")
-MAX_STEPS = 100
-MAX_GUIDANCE = 20.0
-MAX_INFER_FRAMES = 160
-MIN_AREA = 64 * 64
-MAX_AREA = 1280 * 1280
-MIN_AUDIO_SAMPLES = 400  # wav2vec2's receptive field (25 ms)
 
 
 @dataclass
@@ -76,12 +69,12 @@ class VideoRequest:
     prompt: str = ""
     negative_prompt: str | None = None  # None -> official config.sample_neg_prompt
     pose_frames: np.ndarray | None = None  # uint8 [T,H,W,3] at 16 fps
-    resolution: str = "480p"
+    resolution: str = L.VIDEO_RESOLUTION_DEFAULT
     max_area: int | None = None  # explicit override of the resolution's area
-    infer_frames: int = 80  # frames per clip, multiple of 4
-    steps: int = 40
-    guidance: float = 4.5
-    shift: float = 3.0
+    infer_frames: int = L.INFER_FRAMES_DEFAULT  # frames per clip, multiple of 4
+    steps: int = L.VIDEO_STEPS_DEFAULT
+    guidance: float = L.VIDEO_GUIDANCE_DEFAULT
+    shift: float = L.VIDEO_SHIFT_DEFAULT
     seed: int | None = None
     solver: str = "unipc"
 
@@ -209,7 +202,7 @@ class WanS2VGenerator:
         self.sample_neg_prompt: str = s2v_14B.sample_neg_prompt
         self.drop_first_motion: bool = bool(s2v_14B.drop_first_motion)
         self.num_train_timesteps: int = int(s2v_14B.num_train_timesteps)
-        self.motion_frames = MOTION_FRAMES
+        self.motion_frames = L.MOTION_FRAMES
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -267,33 +260,34 @@ class WanS2VGenerator:
         a = request.audio
         if not isinstance(a, np.ndarray) or a.ndim != 1:
             raise InvalidInput("audio must be a 1-D float array (mono, 16 kHz)")
-        if a.size < MIN_AUDIO_SAMPLES:
-            raise InvalidInput(f"audio is too short: {a.size} samples, need at least {MIN_AUDIO_SAMPLES} (25 ms)")
+        if a.size < L.AUDIO_MIN_SAMPLES:
+            raise InvalidInput(f"audio is too short: {a.size} samples, need at least {L.AUDIO_MIN_SAMPLES} (25 ms)")
         if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
             raise InvalidInput("audio must hold finite float samples")
         if not isinstance(request.prompt, str):
             raise InvalidInput("prompt must be a string")
         if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
             raise InvalidInput("negative_prompt must be a string or null")
-        if request.max_area is None and request.resolution not in RESOLUTIONS:
-            raise InvalidInput(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {request.resolution!r}")
+        if request.max_area is None and request.resolution not in L.RESOLUTIONS:
+            raise InvalidInput(f"resolution must be one of {', '.join(L.RESOLUTIONS)}, got {request.resolution!r}")
         if request.max_area is not None and (not is_int(request.max_area)
-                                             or not MIN_AREA <= request.max_area <= MAX_AREA):
-            raise InvalidInput(f"max_area must be an integer between {MIN_AREA} and {MAX_AREA}, "
+                                             or not L.VIDEO_AREA_MIN <= request.max_area <= L.VIDEO_AREA_MAX):
+            raise InvalidInput(f"max_area must be an integer between {L.VIDEO_AREA_MIN} and {L.VIDEO_AREA_MAX}, "
                                f"got {request.max_area!r}")
         f = request.infer_frames
-        if not is_int(f) or f < 4 or f > MAX_INFER_FRAMES or f % 4:
-            raise InvalidInput(f"infer_frames must be a multiple of 4 between 4 and {MAX_INFER_FRAMES}, got {f!r}")
-        if not is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
-            raise InvalidInput(f"steps must be an integer between 1 and {MAX_STEPS}, got {request.steps!r}")
-        if not _is_num(request.guidance) or not 0 <= request.guidance <= MAX_GUIDANCE:
-            raise InvalidInput(f"guidance must be a number between 0 and {MAX_GUIDANCE}, got {request.guidance!r}")
-        if not _is_num(request.shift) or not 0 < request.shift <= 100:
-            raise InvalidInput(f"shift must be a number in (0, 100], got {request.shift!r}")
-        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
-            raise InvalidInput(f"seed must be an integer between 0 and {MAX_SEED}, got {request.seed!r}")
-        if request.solver not in SOLVERS:
-            raise InvalidInput(f"solver must be one of {', '.join(SOLVERS)}, got {request.solver!r}")
+        if not is_int(f) or not L.INFER_FRAMES_MIN <= f <= L.INFER_FRAMES_MAX or f % L.INFER_FRAMES_MULTIPLE:
+            raise InvalidInput(f"infer_frames must be a multiple of {L.INFER_FRAMES_MULTIPLE} between "
+                               f"{L.INFER_FRAMES_MIN} and {L.INFER_FRAMES_MAX}, got {f!r}")
+        if not is_int(request.steps) or not 1 <= request.steps <= L.VIDEO_STEPS_MAX:
+            raise InvalidInput(f"steps must be an integer between 1 and {L.VIDEO_STEPS_MAX}, got {request.steps!r}")
+        if not _is_num(request.guidance) or not 0 <= request.guidance <= L.VIDEO_GUIDANCE_MAX:
+            raise InvalidInput(f"guidance must be a number between 0 and {L.VIDEO_GUIDANCE_MAX}, got {request.guidance!r}")
+        if not _is_num(request.shift) or not 0 < request.shift <= L.VIDEO_SHIFT_MAX:
+            raise InvalidInput(f"shift must be a number in (0, {L.VIDEO_SHIFT_MAX:g}], got {request.shift!r}")
+        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
+            raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
+        if request.solver not in L.SOLVERS:
+            raise InvalidInput(f"solver must be one of {', '.join(L.SOLVERS)}, got {request.solver!r}")
         p = request.pose_frames
         if p is not None:
             if not isinstance(p, np.ndarray) or p.ndim != 4 or p.shape[-1] != 3 or p.shape[0] < 1:

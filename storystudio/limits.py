@@ -1,0 +1,54 @@
+"""Media constants and every request limit and default, defined once.
+
+The job schemas (``storystudio/tasks.py``) and the engines' ``validate()``
+(``storystudio/models/image_generator.py``, ``video_generator.py``) both read these, so
+a request the schema accepts is one the engine accepts too. Plain values only: this
+module imports nothing, so the schemas stay free of torch.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ media (Wan2.2-S2V)
+VIDEO_FPS = 16  # s2v_14B.sample_fps: output videos and resampled pose videos
+SPEECH_SAMPLE_RATE = 16_000  # what the wav2vec2 speech encoder of Wan2.2-S2V expects
+MOTION_FRAMES = 73  # s2v_14B.transformer.motion_frames
+RESOLUTIONS: dict[str, int] = {"480p": 480 * 832, "720p": 720 * 1280}  # max pixel areas, as Wan's generate.py
+SOLVERS = ("unipc", "dpm++")
+
+# ------------------------------------------------------------------ every task
+SEED_MAX = 2**63 - 1
+PROMPT_MAX_CHARS = 4000
+ID_MAX_CHARS = 128  # project_id, scene_id
+SOURCE_MAX_CHARS = 80_000_000  # a URL, data URI or base64 string
+SCENES_MAX = 200
+AUDIO_START_MAX_S = 86_400.0
+AUDIO_DURATION_MAX_S = 3_600.0
+AUDIO_MIN_SAMPLES = 400  # at 16 kHz: wav2vec2's receptive field (25 ms)
+
+# ------------------------------------------------------------------ image (Z-Image-Turbo)
+IMAGE_SIZE_MIN = 256
+IMAGE_SIZE_MAX = 2048
+IMAGE_SIZE_MULTIPLE = 16  # vae_scale_factor 8 * patch size 2
+IMAGE_SIZE_DEFAULT = 1024
+IMAGE_STEPS_MAX = 50
+IMAGE_GUIDANCE_MAX = 20.0
+# Official Turbo recipe: 8 DiT forwards (this diffusers' default sigmas give one
+# forward per step), guidance_scale 0.0 -- the distilled model needs no CFG.
+IMAGE_STEPS_DEFAULT = 8
+IMAGE_GUIDANCE_DEFAULT = 0.0
+
+# ------------------------------------------------------------------ video (Wan2.2-S2V)
+VIDEO_AREA_MIN = 64 * 64
+VIDEO_AREA_MAX = 720 * 1280
+VIDEO_STEPS_MAX = 100
+VIDEO_GUIDANCE_MAX = 20.0
+VIDEO_SHIFT_MAX = 20.0  # shift must be > 0
+INFER_FRAMES_MIN = 4
+INFER_FRAMES_MAX = 160
+INFER_FRAMES_MULTIPLE = 4
+# Official defaults (s2v_14B: 40 steps, guidance 4.5, shift 3 for 480p, 80 frames per clip).
+VIDEO_RESOLUTION_DEFAULT = "480p"
+VIDEO_STEPS_DEFAULT = 40
+VIDEO_GUIDANCE_DEFAULT = 4.5
+VIDEO_SHIFT_DEFAULT = 3.0
+INFER_FRAMES_DEFAULT = 80
