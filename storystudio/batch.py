@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -44,117 +45,166 @@ def _seed(task: BatchTask, index: int, scene: Scene) -> int | None:
     return None if task.seed is None else (task.seed + index) % 2**63
 
 
-def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -> dict[str, Any]:
-    """Render every scene of ``task``; returns per-scene results and phase timings."""
-    t_start = time.perf_counter()
-    scenes = task.scenes
-    n = len(scenes)
-    results: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in scenes}  # type: ignore[misc]
-    images: dict[str, Image.Image] = {}
+@dataclass
+class _Fetches:
+    """Downloads started before the image phase: every scene's audio, and the given images."""
 
-    with ThreadPoolExecutor(max_workers=_FETCH_THREADS, thread_name_prefix="fetch") as pool:
-        audio_futs: dict[str, Future[AudioClip]] = {
+    audio: dict[str, Future[AudioClip]]
+    images: dict[str, Future[Image.Image]]
+
+
+@dataclass
+class _Swap:
+    """What the one swap did: the scenes that go on to the video phase, and its cost."""
+
+    video_scenes: list[Scene]
+    swap_time: float = 0.0
+    video_load_time: float = 0.0
+
+
+def fetch(ctx: RenderContext, scenes: list[Scene], pool: ThreadPoolExecutor) -> _Fetches:
+    """Start every audio download and every given-image download on ``pool``; don't wait."""
+    return _Fetches(
+        audio={
             s.scene_id: pool.submit(fetch_audio, ctx, s.audio, s, field_name=f"scenes[{i}].audio")  # type: ignore[misc]
             for i, s in enumerate(scenes)
-        }
-        given_futs: dict[str, Future[Image.Image]] = {
+        },
+        images={
             s.scene_id: pool.submit(fetch_image, ctx, s.image, field_name=f"scenes[{i}].image")  # type: ignore[misc]
             for i, s in enumerate(scenes)
             if s.image
-        }
+        },
+    )
 
-        # ---- phase 1: images (Z-Image resident)
-        t_images = time.perf_counter()
-        progress.update("images", done=0, total=n)
-        for i, scene in enumerate(scenes):
-            sid = scene.scene_id
-            assert sid is not None
-            try:
-                if sid in given_futs:
-                    images[sid] = given_futs[sid].result()
-                    results[sid]["image_source"] = "input"
-                else:
-                    rendered = render_image(
-                        ctx, scene.prompt or "", task.image, _seed(task, i, scene), scene_id=sid
-                    )
-                    images[sid] = rendered.image
-                    results[sid].update(
-                        image_source="generated",
-                        image_url=rendered.result["image_url"],
-                        image_key=rendered.result["image_key"],
-                        image_seed=rendered.result["seed"],
-                        image_timings=rendered.result["timings"],
-                    )
-            except Exception as exc:  # noqa: BLE001 - reported per scene, batch goes on
-                results[sid]["error"] = _scene_error(exc, "image")
-            progress.update("images", done=i + 1, total=n, scene_id=sid, ok="error" not in results[sid])
-        images_time = time.perf_counter() - t_images
 
-        # ---- the one swap (timed on its own so the story app can see what it cost)
-        video_scenes = [s for s in scenes if s.scene_id in images]
-        swap_time = 0.0
-        video_load_time = 0.0
-        if video_scenes:
-            progress.update("swap", to=VIDEO_SET)
-            before = ctx.manager.stats()
-            was_loaded = ctx.manager.is_loaded(VIDEO_SET)
-            try:
-                ctx.manager.ensure(
-                    VIDEO_SET, working_bytes=video_working_bytes(task.video.area, task.video.infer_frames)
-                )
-            except Exception as exc:  # noqa: BLE001 - e.g. checkpoint missing: every video fails, images stand
-                err = _scene_error(exc, "video")
-                for s in video_scenes:
-                    results[s.scene_id]["error"] = err  # type: ignore[index]
-                video_scenes = []
-            after = ctx.manager.stats()
-            swap_time = after.swap_seconds - before.swap_seconds
-            if not was_loaded and VIDEO_SET in after.loads:
-                video_load_time = after.loads[VIDEO_SET]
+def images(ctx: RenderContext, task: BatchTask, fetches: _Fetches, results: dict[str, dict[str, Any]],
+           progress: ProgressReporter) -> dict[str, Image.Image]:
+    """Phase 1 (Z-Image resident): each scene's picture, given or generated, in scene order.
 
-        # ---- phase 2: videos (Wan resident)
-        t_videos = time.perf_counter()
-        done = 0
-        progress.update("videos", done=0, total=len(video_scenes))
-        video_ids = {s.scene_id for s in video_scenes}
-        for i, scene in enumerate(scenes):
-            sid = scene.scene_id
-            if sid not in video_ids:
-                continue
-            assert sid is not None
-            try:
-                audio = audio_futs[sid].result()
-            except Exception as exc:  # noqa: BLE001
-                results[sid]["error"] = _scene_error(exc, "audio")
+    A scene whose image fails gets an ``error`` (stage ``image``) and has no picture.
+    """
+    scenes = task.scenes
+    n = len(scenes)
+    pictures: dict[str, Image.Image] = {}
+    progress.update("images", done=0, total=n)
+    for i, scene in enumerate(scenes):
+        sid = scene.scene_id
+        assert sid is not None
+        try:
+            if sid in fetches.images:
+                pictures[sid] = fetches.images[sid].result()
+                results[sid]["image_source"] = "input"
             else:
-                try:
-                    out = render_video(
-                        ctx,
-                        images[sid],
-                        audio,
-                        scene.video_prompt or scene.prompt or "",
-                        task.video,
-                        _seed(task, i, scene),
-                        scene_id=sid,
-                        progress=progress.steps("video_clips", scene_id=sid),
-                    )
-                    results[sid].update({k: v for k, v in out.items() if k != "seed"}, video_seed=out["seed"])
-                except Exception as exc:  # noqa: BLE001
-                    results[sid]["error"] = _scene_error(exc, "video")
-            done += 1
-            progress.update("videos", done=done, total=len(video_scenes), scene_id=sid, ok="error" not in results[sid])
-        videos_time = time.perf_counter() - t_videos
+                rendered = render_image(ctx, scene.prompt or "", task.image, _seed(task, i, scene), scene_id=sid)
+                pictures[sid] = rendered.image
+                results[sid].update(
+                    image_source="generated",
+                    image_url=rendered.result["image_url"],
+                    image_key=rendered.result["image_key"],
+                    image_seed=rendered.result["seed"],
+                    image_timings=rendered.result["timings"],
+                )
+        except Exception as exc:  # noqa: BLE001 - reported per scene, batch goes on
+            results[sid]["error"] = _scene_error(exc, "image")
+        progress.update("images", done=i + 1, total=n, scene_id=sid, ok="error" not in results[sid])
+    return pictures
 
-    ordered = [results[s.scene_id] for s in scenes]  # type: ignore[index]
+
+def swap(ctx: RenderContext, task: BatchTask, pictures: dict[str, Image.Image], results: dict[str, dict[str, Any]],
+         progress: ProgressReporter) -> _Swap:
+    """The one swap to the video set, timed on its own so the story app can see what it cost.
+
+    If the video set cannot be made resident (e.g. its checkpoint is missing), every
+    scene that has a picture gets that error (stage ``video``); the images stand.
+    """
+    out = _Swap([s for s in task.scenes if s.scene_id in pictures])
+    if not out.video_scenes:
+        return out
+    progress.update("swap", to=VIDEO_SET)
+    before = ctx.manager.stats()
+    was_loaded = ctx.manager.is_loaded(VIDEO_SET)
+    try:
+        ctx.manager.ensure(VIDEO_SET, working_bytes=video_working_bytes(task.video.area, task.video.infer_frames))
+    except Exception as exc:  # noqa: BLE001 - e.g. checkpoint missing: every video fails, images stand
+        err = _scene_error(exc, "video")
+        for s in out.video_scenes:
+            results[s.scene_id]["error"] = err  # type: ignore[index]
+        out.video_scenes = []
+    after = ctx.manager.stats()
+    out.swap_time = after.swap_seconds - before.swap_seconds
+    if not was_loaded and VIDEO_SET in after.loads:
+        out.video_load_time = after.loads[VIDEO_SET]
+    return out
+
+
+def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictures: dict[str, Image.Image],
+           fetches: _Fetches, results: dict[str, dict[str, Any]], progress: ProgressReporter) -> None:
+    """Phase 2 (Wan resident): each remaining scene's talking video, in scene order.
+
+    A scene whose audio failed to download or decode gets that error (stage ``audio``);
+    one whose video fails gets stage ``video``.
+    """
+    done = 0
+    progress.update("videos", done=0, total=len(video_scenes))
+    video_ids = {s.scene_id for s in video_scenes}
+    for i, scene in enumerate(task.scenes):
+        sid = scene.scene_id
+        if sid not in video_ids:
+            continue
+        assert sid is not None
+        try:
+            audio = fetches.audio[sid].result()
+        except Exception as exc:  # noqa: BLE001
+            results[sid]["error"] = _scene_error(exc, "audio")
+        else:
+            try:
+                out = render_video(
+                    ctx,
+                    pictures[sid],
+                    audio,
+                    scene.video_prompt or scene.prompt or "",
+                    task.video,
+                    _seed(task, i, scene),
+                    scene_id=sid,
+                    progress=progress.steps("video_clips", scene_id=sid),
+                )
+                results[sid].update({k: v for k, v in out.items() if k != "seed"}, video_seed=out["seed"])
+            except Exception as exc:  # noqa: BLE001
+                results[sid]["error"] = _scene_error(exc, "video")
+        done += 1
+        progress.update("videos", done=done, total=len(video_scenes), scene_id=sid, ok="error" not in results[sid])
+
+
+def assemble(task: BatchTask, results: dict[str, dict[str, Any]], timings: dict[str, float]) -> dict[str, Any]:
+    """The job result: scenes in request order, counts, and the phase timings (seconds)."""
+    ordered = [results[s.scene_id] for s in task.scenes]  # type: ignore[index]
     failed = sum(1 for r in ordered if "error" in r)
     return {
         "project_id": task.project_id,
         "scenes": ordered,
-        "scenes_ok": n - failed,
+        "scenes_ok": len(ordered) - failed,
         "scenes_failed": failed,
-        "images_time": round(images_time, 3),
-        "swap_time": round(swap_time, 3),
-        "video_load_time": round(video_load_time, 3),
-        "videos_time": round(videos_time, 3),
-        "total_time": round(time.perf_counter() - t_start, 3),
+        **{k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -> dict[str, Any]:
+    """Render every scene of ``task``; returns per-scene results and phase timings."""
+    t_start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in task.scenes}  # type: ignore[misc]
+    with ThreadPoolExecutor(max_workers=_FETCH_THREADS, thread_name_prefix="fetch") as pool:
+        fetches = fetch(ctx, task.scenes, pool)
+        t = time.perf_counter()
+        pictures = images(ctx, task, fetches, results, progress)
+        images_time = time.perf_counter() - t
+        swapped = swap(ctx, task, pictures, results, progress)
+        t = time.perf_counter()
+        videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
+        videos_time = time.perf_counter() - t
+    return assemble(task, results, {
+        "images_time": images_time,
+        "swap_time": swapped.swap_time,
+        "video_load_time": swapped.video_load_time,
+        "videos_time": videos_time,
+        "total_time": time.perf_counter() - t_start,
+    })
