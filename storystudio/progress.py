@@ -2,7 +2,8 @@
 
 On RunPod, ``runpod.serverless.progress_update`` posts an IN_PROGRESS update that
 the story app sees in ``/status``; outside RunPod (local test API, demo, tests)
-there is nowhere to post to, so updates are only logged and kept for inspection.
+there is nowhere to post to, so updates are only logged (and passed to a sink the
+caller gives, which is how tests see them).
 """
 
 from __future__ import annotations
@@ -32,17 +33,15 @@ def runpod_sink() -> Sink | None:
 
 
 class ProgressReporter:
-    """Sends ``{"stage": ..., ...}`` updates for one job and remembers them."""
+    """Sends ``{"stage": ..., ...}`` updates for one job to its sink and the log."""
 
     def __init__(self, job: dict[str, Any], sink: Sink | None = None) -> None:
         self.job = job
         self.sink = sink
-        self.history: list[dict[str, Any]] = []
         self._t0 = time.perf_counter()
 
     def update(self, stage: str, **fields: Any) -> None:
         event = {"stage": stage, **fields, "elapsed_s": round(time.perf_counter() - self._t0, 2)}
-        self.history.append(event)
         logger.info("job %s progress: %s", self.job.get("id", "?"), event)
         if self.sink is not None:
             try:

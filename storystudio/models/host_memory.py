@@ -1,16 +1,15 @@
 """Host buffers for parked weights, page-locked chunk by chunk.
 
-Why not ``torch.empty(n, pin_memory=True)``: measured on the H100 host, one
-``cudaHostAlloc`` of the 30 GiB Wan DiT took 16.8 s and held the CUDA driver while
-it ran, so a background allocation stalled the job on the GPU (the first 1024² image
-took 25.9 s instead of 1.8 s, the first video 50 s instead of 17 s). PyTorch's pinned
-allocator also rounds every block up to a power of two (a 10.6 GiB T5 would lock
-16 GiB of RAM).
+A buffer is ordinary memory of the exact size, made page-locked with
+``cudaHostRegister`` one chunk (~256 MiB, on tensor boundaries) at a time, and every
+copy is issued per chunk so it never crosses two registrations. Why not
+``torch.empty(n, pin_memory=True)``: PyTorch's pinned allocator rounds every block up
+to a power of two (a 10.6 GiB T5 would lock 16 GiB of RAM), and one ``cudaHostAlloc``
+of the 30 GiB Wan DiT took 16.8 s on the H100 host while holding the CUDA driver.
 
-So a buffer here is ordinary memory of the exact size, made page-locked with
-``cudaHostRegister`` one chunk (~256 MiB, on tensor boundaries) at a time. Each call
-holds the driver only briefly, generation keeps running between them, and every
-copy is issued per chunk so it never crosses two registrations.
+When to pin is the ModelManager's decision: it pins a component's buffer
+synchronously, at that component's first park (see ``ModelManager._host_buffer``),
+because pinning in the background during a job stalled the GPU just as badly.
 """
 
 from __future__ import annotations
@@ -53,10 +52,6 @@ class HostBuffer:
         self.tensor = torch.empty(nbytes, dtype=torch.uint8)
         self.chunks = chunks
         self.pinned_chunks = 0
-
-    @property
-    def pinned(self) -> bool:
-        return self.pinned_chunks == len(self.chunks)
 
     def pin(self) -> None:
         """Page-lock every chunk; on any failure stay (partly) pageable: slower, still correct."""

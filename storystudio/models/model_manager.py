@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -44,12 +44,6 @@ logger = logging.getLogger(__name__)
 GiB = 1024**3
 _ALIGN = 256  # byte alignment of every tensor inside a flat buffer (any dtype view is legal)
 _T = TypeVar("_T")
-
-
-class ManagedEngine(Protocol):
-    """What an engine must expose to be managed: its weight-holding modules by name."""
-
-    def components(self) -> dict[str, nn.Module]: ...
 
 
 @dataclass
@@ -203,10 +197,6 @@ class ModelManager:
             if name in self._sets:
                 raise ValueError(f"model set {name!r} is already registered")
             self._sets[name] = _ModelSet(name, loader, size_hint_bytes)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._sets)
 
     def is_loaded(self, name: str) -> bool:
         return self._get(name).loaded

@@ -26,7 +26,6 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
-import math
 import sys
 import threading
 import types
@@ -282,27 +281,6 @@ def sdpa_flash_attention(
         qmask = torch.arange(lq, device=device).view(1, lq) < ql.view(b, 1)
         out = out * qmask.view(b, lq, 1, 1).to(out.dtype)
     return out.contiguous().type(out_dtype)
-
-
-def reference_attention(q, k, v, q_lens=None, k_lens=None, softmax_scale=None) -> torch.Tensor:
-    """Explicit masked softmax in float64 (test oracle for :func:`sdpa_flash_attention`)."""
-    b, lq, nq, c = q.shape
-    lk, nk = k.size(1), k.size(2)
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    if nk != nq:
-        k64 = k64.repeat_interleave(nq // nk, dim=2)
-        v64 = v64.repeat_interleave(nq // nk, dim=2)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(c)
-    out = torch.zeros(b, lq, nq, v.size(-1), dtype=torch.float64)
-    for i in range(b):
-        ql = lq if q_lens is None else int(q_lens[i])
-        kl = lk if k_lens is None else int(k_lens[i])
-        if ql == 0 or kl == 0:
-            continue
-        s = torch.einsum("qnc,knc->nqk", q64[i, :ql], k64[i, :kl]) * scale
-        p = torch.softmax(s, dim=-1)
-        out[i, :ql] = torch.einsum("nqk,knc->qnc", p, v64[i, :kl])
-    return out
 
 
 def make_wan21_vae(model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype = torch.float32):
