@@ -130,6 +130,22 @@ def test_working_bytes_make_more_room():
     assert res["image.text_encoder"] is False and res["image.transformer"] is True, res
 
 
+def test_cache_cleanup_runs_only_when_something_left_the_device(monkeypatch):
+    import storystudio.models.model_manager as mm
+
+    collects: list[int] = []
+    monkeypatch.setattr(mm.gc, "collect", lambda *a: collects.append(1) or 0)
+    loads: list[str] = []
+    mgr = make_manager(100, loads)  # both sets fit (77 MiB): scenes after scenes, nothing moves
+    for _ in range(3):
+        assert mgr.run("image", lambda e: 1, working_bytes=MiB) == 1
+        assert mgr.run("video", lambda e: 2, working_bytes=MiB) == 2
+    assert mgr.stats().swaps == 0 and collects == [], "no park, so no gc.collect / empty_cache per scene"
+    mgr.run("video", lambda e: 3, working_bytes=30 * MiB)  # now the image text encoder must leave
+    assert mgr.component_residency()["image.text_encoder"] is False
+    assert collects == [1], "one cleanup for the one park"
+
+
 def test_oom_retry_parks_others_then_succeeds():
     loads: list[str] = []
     mgr = make_manager(None, loads)

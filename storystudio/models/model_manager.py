@@ -320,6 +320,8 @@ class ModelManager:
         if self.budget_bytes is None:
             return
         deficit = self._device_bytes() + need - self.budget_bytes
+        if deficit <= 0:
+            return  # nothing moves, so there is nothing to synchronise or give back
         while deficit > 0:
             others = [ms for ms in self._sets.values() if ms is not target and ms.device_bytes() > 0]
             if not others:
@@ -432,6 +434,11 @@ class ModelManager:
             torch.cuda.synchronize(self.device)
 
     def _free_cuda_cache(self) -> None:
+        """Drop garbage and hand cached blocks back to CUDA, so freed weights are reusable.
+
+        Called only after something actually left the device (parking, an OOM): otherwise
+        it costs time and throws away the allocator cache the next job would reuse.
+        """
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
