@@ -81,7 +81,8 @@ class _Strict(BaseModel):
         props: dict[str, Any] = target["properties"]
         required: list[str] = target.get("required", [])
         for old, new in aliases.items():
-            props[old] = {**props[new], "title": old, "description": f"first-specification name of {new!r}; give one of the two"}
+            note = f"first-specification name of {new!r}; give one of the two"
+            props[old] = {**props[new], "title": old, "description": note}
             target.setdefault("dependentSchemas", {})[old] = {"not": {"required": [new]}}
             if new in required:
                 required.remove(new)
