@@ -4,13 +4,30 @@ Defaults, limits and unknown-field rejection live here, so a bad request fails i
 milliseconds with ``invalid_input`` / ``unknown_task`` before any model is touched.
 This module imports no runner, engine or torch (the router is
 :func:`storystudio.worker.route`), so the backend client can validate jobs cheaply.
+
+The story app's backend was written against the worker's first specification, whose
+field names differ in a few places (``sample_steps``, ``image_url``, ``audio_url``,
+a scene's ``id``, a batch's ``image_settings`` / ``video_settings``). Those names are
+accepted as aliases, defined once in :data:`FIRST_SPEC_ALIASES`; the models and
+:func:`job_input_schema` (committed as ``schema/job-input.schema.json``) both follow it.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from storystudio import limits as L
 from storystudio.errors import InvalidInput
@@ -24,7 +41,55 @@ Id = Annotated[str, Field(min_length=1, max_length=L.ID_MAX_CHARS)]
 
 
 class _Strict(BaseModel):
+    """Unknown fields are rejected; the first specification's names are renamed first.
+
+    The renaming runs before field validation, so ``extra="forbid"`` still sees every
+    name that is neither today's nor an alias, and a request giving both spellings of
+    one field fails instead of one silently winning.
+    """
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    # ------------------------------------------------------------ first-spec aliases
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_first_spec_names(cls, data: Any) -> Any:
+        aliases = first_spec_aliases(cls)
+        if not aliases or not isinstance(data, dict) or aliases.keys().isdisjoint(data.keys()):
+            return data
+        renamed = dict(data)
+        for old, new in aliases.items():
+            if old not in renamed:
+                continue
+            if new in renamed:
+                raise PydanticCustomError("alias_conflict", f"both {new!r} and {old!r} given; use one")
+            renamed[new] = renamed.pop(old)
+        return renamed
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """Publish each alias as an accepted property, exclusive with today's name.
+
+        pydantic only knows the renamed fields, so without this the schema would
+        reject exactly the payloads the aliases exist for.
+        """
+        schema = handler(core_schema)
+        aliases = first_spec_aliases(cls)
+        if not aliases or handler.mode != "validation":
+            return schema
+        target = handler.resolve_ref_schema(schema)
+        props: dict[str, Any] = target["properties"]
+        required: list[str] = target.get("required", [])
+        for old, new in aliases.items():
+            note = f"first-specification name of {new!r}; give one of the two"
+            props[old] = {**props[new], "title": old, "description": note}
+            target.setdefault("dependentSchemas", {})[old] = {"not": {"required": [new]}}
+            if new in required:
+                required.remove(new)
+                target.setdefault("allOf", []).append({"anyOf": [{"required": [new]}, {"required": [old]}]})
+        if "required" in target and not required:
+            del target["required"]
+        return schema
 
 
 class ImageParams(_Strict):
@@ -90,7 +155,7 @@ class Scene(AudioTrim):
     @model_validator(mode="after")
     def _needs_image_or_prompt(self) -> Scene:
         if not self.image and not (self.prompt and self.prompt.strip()):
-            raise ValueError("a scene needs either 'prompt' (to generate its image) or 'image'")
+            raise ValueError("a scene needs either 'prompt' (to generate its image) or 'image' (or 'image_url')")
         return self
 
 
@@ -106,14 +171,53 @@ class BatchTask(_Strict):
     def _scene_ids(self) -> BatchTask:
         ids = [s.scene_id or f"scene-{i + 1:03d}" for i, s in enumerate(self.scenes)]
         if len(set(ids)) != len(ids):
-            raise ValueError("scene_id values must be unique within a batch")
+            raise ValueError("scene_id (or id) values must be unique within a batch")
         for s, sid in zip(self.scenes, ids, strict=True):
             s.scene_id = sid
         return self
 
 
+# ---------------------------------------------------------------- first-spec aliases
+#: The first specification's field names, still sent by the story app's backend:
+#: model -> {first-spec name: today's name}. The one definition of every alias; a model
+#: also accepts its bases' aliases (so ``sample_steps`` works in a video job and in a
+#: batch's video settings). Validated models and results use today's names only.
+FIRST_SPEC_ALIASES: dict[type[_Strict], dict[str, str]] = {
+    VideoParams: {"sample_steps": "steps"},
+    VideoTask: {"image_url": "image", "audio_url": "audio"},
+    Scene: {"id": "scene_id", "image_url": "image", "audio_url": "audio"},
+    BatchTask: {"image_settings": "image", "video_settings": "video"},
+}
+
+
+@cache
+def first_spec_aliases(model: type[BaseModel]) -> dict[str, str]:
+    """Every alias ``model`` accepts (its own and its bases'), first-spec name -> today's name."""
+    merged: dict[str, str] = {}
+    for base in reversed(model.__mro__):
+        merged.update(FIRST_SPEC_ALIASES.get(base, {}))
+    return merged
+
+
+# ---------------------------------------------------------------- the job input
 Task = Annotated[ImageTask | VideoTask | BatchTask, Field(discriminator="task")]
 _TASK_ADAPTER: TypeAdapter[Task] = TypeAdapter(Task)
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def job_input_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of ``job["input"]``, generated from the models, aliases included.
+
+    Committed as ``schema/job-input.schema.json`` (``python -m storystudio.schema_export``).
+    Cross-field rules the schema cannot state (a scene needs a non-blank ``prompt`` or an
+    image; unique scene ids) are checked by the worker.
+    """
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        "title": "Story Studio job input",
+        "description": "The 'input' object of a Story Studio RunPod job; 'task' selects the schema.",
+        **_TASK_ADAPTER.json_schema(mode="validation"),
+    }
 
 
 def _describe(err: ValidationError) -> str:
@@ -122,11 +226,10 @@ def _describe(err: ValidationError) -> str:
         path = list(e["loc"])
         if path and path[0] in TASKS:  # the discriminator's tag, not a field
             path = path[1:]
-        loc = ".".join(str(x) for x in path) or "input"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{'.'.join(str(x) for x in path)}: {msg}" if path else msg)
     more = len(err.errors()) - 8
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

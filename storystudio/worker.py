@@ -21,6 +21,7 @@ import torch
 
 from storystudio.config import WorkerSettings
 from storystudio.errors import StoryStudioError
+from storystudio.first_spec import add_first_spec_names
 from storystudio.models.footprint import folder_weight_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.progress import ProgressReporter, Sink
@@ -119,7 +120,7 @@ class Worker:
                 project_id=task.project_id if isinstance(task, BatchTask) else None,
             )
             logger.info("job %s: task %s", job_id, task.task)
-            result = route(task)(ctx, task, progress)
+            result = add_first_spec_names(task, route(task)(ctx, task, progress))
         except StoryStudioError as exc:
             logger.warning("job %s failed: %s (%s)", job_id, exc.message, exc.code)
             return {**exc.to_result(), "job_id": job_id}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 import requests
 from PIL import Image
 
-from storystudio.media import encode_audio, encode_png, probe_media, synth_speech
+from storystudio.media import decode_video_frames, encode_audio, encode_png, probe_media, synth_speech
 
 ROOT = Path(__file__).resolve().parent.parent
 FPS = 16
@@ -185,10 +186,19 @@ def test_image_job(worker_api, s3, s3_server):
     assert base64.b64decode(out["image_base64"]) == stored
     assert Image.open(io.BytesIO(stored)).size == (256, 320)
     assert "image" in out["manager"]["resident"] and out["timings"]["generate"] > 0
+    _check_generation_time(out)
 
 
-def test_video_job(worker_api, media_server, s3, s3_server):
-    body = runsync(
+def _check_generation_time(out: dict) -> None:
+    """The first spec's ``generation_time``: this job's media work, the sum of its timings."""
+    assert out["generation_time"] == pytest.approx(sum(out["timings"].values()), abs=0.002)
+    assert 0 < out["generation_time"] <= out["total_time"]
+
+
+@pytest.fixture(scope="module")
+def video_job(worker_api, media_server) -> dict:
+    """One video job in today's spelling, shared by the tests that compare against it."""
+    return runsync(
         worker_api,
         {
             "task": "video",
@@ -199,12 +209,53 @@ def test_video_job(worker_api, media_server, s3, s3_server):
             "seed": 3,
         },
     )
+
+
+def test_video_job(video_job, s3, s3_server):
+    body = video_job
     assert body["status"] == "COMPLETED", body
     out = body["output"]
     assert out["frames"] == 24 and out["fps"] == FPS and out["seed"] == 3
     data = _get_object(s3, s3_server, out["video_key"])
     assert requests.get(out["video_url"], timeout=10).content == data
     _check_video(data, 1.5)
+    _check_generation_time(out)
+    assert out["resolution"] == "custom", "max_area overrides the 480p default"
+
+
+def test_video_job_in_first_spec_spelling_renders_the_same_video(worker_api, media_server, video_job, s3, s3_server):
+    """``image_url``, ``audio_url`` and ``sample_steps`` drive the same render as today's names.
+
+    Same seed and settings as ``video_job``, so the frames must match; had ``sample_steps``
+    been dropped, the default 40 steps would give other frames.
+    """
+    first_spec = {k: v for k, v in VIDEO.items() if k != "steps"} | {"sample_steps": VIDEO["steps"]}
+    body = runsync(
+        worker_api,
+        {
+            "task": "video",
+            "image_url": f"{media_server}/portrait.png",
+            "audio_url": f"{media_server}/speech-1.5s.mp3",
+            "prompt": "a person talking",
+            **first_spec,
+            "seed": 3,
+        },
+    )
+    assert body["status"] == "COMPLETED", body
+    out, ref = body["output"], video_job["output"]
+    assert (out["frames"], out["width"], out["height"], out["seed"]) == (ref["frames"], ref["width"], ref["height"], 3)
+    data = _get_object(s3, s3_server, out["video_key"])
+    _check_video(data, 1.5)
+    ours = decode_video_frames(data, fps=FPS).astype(np.int16)
+    theirs = decode_video_frames(_get_object(s3, s3_server, ref["video_key"]), fps=FPS).astype(np.int16)
+    assert ours.shape == theirs.shape
+    # Not bit-exact: CPU float noise flips a few H.264 decisions on these noise-like frames.
+    # Measured on the tiny checkpoint: a repeat differs by 0.03 levels on average, 3 or 40
+    # steps instead of 2 by about 21.
+    diff = np.abs(ours - theirs)
+    assert diff.mean() < 1.0, f"mean {diff.mean():.3f}, max {diff.max()}, >8: {(diff > 8).mean():.4f}"
+    _check_generation_time(out)
+    assert out["resolution"] == "custom"
 
 
 def test_batch_job_reports_failing_scene_and_completes_others(worker_api, media_server, s3, s3_server):
@@ -222,6 +273,7 @@ def test_batch_job_reports_failing_scene_and_completes_others(worker_api, media_
     out = body["output"]
     by_id = {s["scene_id"]: s for s in out["scenes"]}
     assert [s["scene_id"] for s in out["scenes"]] == ["intro", "given", "broken"]
+    assert [s["id"] for s in out["scenes"]] == ["intro", "given", "broken"], "the first spec's scene id"
     assert out["scenes_ok"] == 2 and out["scenes_failed"] == 1
     broken = by_id["broken"]
     assert broken["error"]["code"] == "input_download_failed" and broken["error"]["stage"] == "audio"
@@ -239,6 +291,71 @@ def test_batch_job_reports_failing_scene_and_completes_others(worker_api, media_
         assert out[key] >= 0
     assert out["total_time"] >= out["images_time"] + out["videos_time"]
     assert set(out["manager"]["resident"]) == {"image", "video"}
+
+
+def test_batch_job_in_first_spec_spelling(worker_api, media_server, s3, s3_server):
+    """A story as the first spec spelled it: scene ``id``/``audio_url``/``image_url``,
+    ``image_settings`` and ``video_settings`` (with ``sample_steps``)."""
+    scenes = [
+        {"id": "one", "prompt": "a lighthouse", "audio_url": f"{media_server}/speech-1s.wav"},
+        # image_url is fetched as the scene's image: a 404 there fails this scene at its image stage
+        {"id": "two", "image_url": f"{media_server}/nope.png", "audio_url": f"{media_server}/speech-1s.m4a"},
+    ]
+    video = {k: v for k, v in VIDEO.items() if k != "steps"} | {"sample_steps": VIDEO["steps"]}
+    body = runsync(
+        worker_api,
+        {"task": "batch", "project_id": "first-spec", "scenes": scenes, "seed": 4,
+         "image_settings": {**IMAGE, "height": 272}, "video_settings": video},
+    )
+    assert body["status"] == "COMPLETED", body
+    out = body["output"]
+    assert [(s["id"], s["scene_id"]) for s in out["scenes"]] == [("one", "one"), ("two", "two")]
+    one, two = out["scenes"]
+    assert "error" not in one, one
+    assert Image.open(io.BytesIO(_get_object(s3, s3_server, one["image_key"]))).size == (256, 272)  # image_settings
+    assert one["width"] * one["height"] <= VIDEO["max_area"]  # video_settings (the default is 480p)
+    _check_video(_get_object(s3, s3_server, one["video_key"]), 1.0)  # audio_url
+    assert two["error"]["code"] == "input_download_failed" and two["error"]["stage"] == "image"
+    assert "scenes[1].image" in two["error"]["error"] and "404" in two["error"]["error"]
+    assert (out["scenes_ok"], out["scenes_failed"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("job", "fragment"),
+    [
+        ({"task": "video", "image": "{media}/portrait.png", "image_url": "{media}/portrait.png",
+          "audio": "{media}/speech-1s.wav"}, "both 'image' and 'image_url' given; use one"),
+        ({"task": "video", "image": "{media}/portrait.png", "audio": "{media}/speech-1s.wav",
+          "audio_url": "{media}/speech-1s.wav"}, "both 'audio' and 'audio_url' given; use one"),
+        ({"task": "video", "image_url": "{media}/portrait.png", "audio_url": "{media}/speech-1s.wav",
+          "steps": 2, "sample_steps": 2}, "both 'steps' and 'sample_steps' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"id": "a", "scene_id": "a", "prompt": "x", "audio": "a"}]},
+         "scenes.0: both 'scene_id' and 'id' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"image": "i", "image_url": "i", "audio": "a"}]},
+         "scenes.0: both 'image' and 'image_url' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"prompt": "x", "audio": "a", "audio_url": "a"}]},
+         "scenes.0: both 'audio' and 'audio_url' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"prompt": "x", "audio": "a"}], "image": {}, "image_settings": {}},
+         "both 'image' and 'image_settings' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"prompt": "x", "audio": "a"}], "video": {}, "video_settings": {}},
+         "both 'video' and 'video_settings' given; use one"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"prompt": "x", "audio": "a"}],
+          "video_settings": {"steps": 2, "sample_steps": 2}}, "video: both 'steps' and 'sample_steps' given; use one"),
+        # the aliases obey today's limits, and unknown fields are still rejected next to them
+        ({"task": "video", "image_url": "i", "audio_url": "a", "sample_steps": 0},
+         "steps: Input should be greater than or equal to 1"),
+        ({"task": "batch", "project_id": "p", "scenes": [{"prompt": "x", "audio_url": "a"}],
+          "video_settings": {"sample_steps": 0}}, "video.steps: Input should be greater than or equal to 1"),
+        ({"task": "video", "image_url": "i", "audio_url": "a", "sample_stepz": 2}, "sample_stepz: unknown field"),
+        ({"task": "image", "prompt": "x", "sample_steps": 2}, "sample_steps: unknown field"),
+    ],
+)
+def test_first_spec_conflicts_and_limits_fail_with_invalid_input(worker_api, media_server, job, fragment):
+    job = json.loads(json.dumps(job).replace("{media}", media_server))
+    body = runsync(worker_api, job, timeout=60)
+    assert body["status"] == "FAILED", body
+    assert body["error"].startswith(f"invalid_input: invalid {job['task']} input: "), body["error"]
+    assert fragment in body["error"], body["error"]
 
 
 @pytest.mark.parametrize(
