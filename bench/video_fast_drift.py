@@ -42,7 +42,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storystudio.errors import StoryStudioError  # noqa: E402
-from storystudio.fast_preset import FAST_STEP_CACHE_THRESHOLD, SpeedKnobs  # noqa: E402
+from storystudio.fast_preset import SpeedKnobs  # noqa: E402
+from storystudio.limits import FAST_STEP_CACHE_THRESHOLD  # noqa: E402
 from storystudio.models import speed  # noqa: E402
 from storystudio.models.video_generator import VideoRequest, WanS2VGenerator  # noqa: E402
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = None
     wan_dir = args.wan_dir
     if wan_dir is None:
-        from storystudio.models.checkpoints.wan_s2v import write_wan_s2v_checkpoint
+        from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint
 
         tmp = Path(tempfile.mkdtemp(prefix="drift-", dir=args.workdir))
         wan_dir = tmp / "Wan2.2-S2V-14B"

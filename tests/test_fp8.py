@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from storystudio.models import fp8
-from storystudio.models.checkpoints.wan_s2v import meta_transformer, transformer_config
+from storystudio.models.checkpoints.wan_s2v import meta_transformer
+from storystudio.synthetic.wan_s2v import transformer_config
 
 
 def _weights(n: int = 48, k: int = 64, seed: int = 0) -> torch.Tensor:
@@ -202,3 +203,10 @@ def test_linear_weights_group_holds_the_same_parameter_objects():
     m = _tiny_model()
     group = fp8.LinearWeights(m)
     assert [id(p) for p in group.parameters()] == [id(lin.weight) for lin in fp8.select_linears(m).values()]
+
+
+def test_bf16_activations_quantize_exactly_like_their_float32_values():
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16) * 30
+    q16, s16 = fp8.quantize(x, "row")
+    q32, s32 = fp8.quantize(x.float(), "row")
+    assert torch.equal(q16.view(torch.uint8), q32.view(torch.uint8)) and torch.equal(s16, s32)

@@ -64,10 +64,13 @@ def quantize(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, t
     channel for a weight). Tensor-wise: one scale, shape [1, 1]. Values are scaled so
     the largest magnitude maps to 448, clamped (never NaN) and rounded to nearest.
     """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if granularity == "row" else xf.abs().amax().reshape(1, 1)
-    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
-    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # amax in x's own dtype is exact; the division promotes to float32 (scale is float32),
+    # so a bf16 activation is never rounded twice. Two full-size temporaries at most.
+    mag = x.abs()
+    amax = mag.amax(dim=-1, keepdim=True) if granularity == "row" else mag.amax().reshape(1, 1)
+    del mag
+    scale = (amax.float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
