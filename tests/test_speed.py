@@ -207,3 +207,23 @@ def test_preload_builds_the_fp8_copy_with_the_set(tiny_models, tmp_path):
     worker.manager = build_manager(worker.settings)
     worker.manager.ensure("video")
     assert worker.manager.component_residency()["video.transformer_fp8"] is True
+
+
+def test_a_story_demanding_fp8_where_it_cannot_run_fails_before_any_image(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "fp8_support", lambda device: fp8.FP8Support(None, reason="test device"))
+    worker = make_worker(tiny_models, tmp_path)
+    r = worker.handle({"id": "b", "input": {"task": "batch", "project_id": "p", "video": {"fp8": True},
+                                            "scenes": [{"prompt": "a face", "audio": data_uri("wav", 0.5)}]}})
+    assert r["code"] == "fp8_unsupported" and "test device" in r["error"]
+    assert not worker.manager.is_loaded("image") and not worker.manager.is_loaded("video")
+
+
+def test_fast_story_reports_the_speed_of_each_scene(tiny_models, tmp_path):
+    worker = make_worker(tiny_models, tmp_path)
+    r = worker.handle({"id": "b", "input": {"task": "batch", "project_id": "p",
+                                            "video": {**VIDEO, "steps": 6, "preset": "fast", "step_cache": 1.0},
+                                            "scenes": [{"image": PNG, "audio": data_uri("wav", 0.5)}]}})
+    assert r["scenes_ok"] == 1, r
+    scene = r["scenes"][0]
+    assert scene["preset"] == "fast" and scene["speed"]["fp8"] is True and scene["speed"]["skipped_steps"] == [2]
+    assert probe_media(scene["video_url"]).video.frame_count == 8
