@@ -210,3 +210,21 @@ def test_bf16_activations_quantize_exactly_like_their_float32_values():
     q16, s16 = fp8.quantize(x, "row")
     q32, s32 = fp8.quantize(x.float(), "row")
     assert torch.equal(q16.view(torch.uint8), q32.view(torch.uint8)) and torch.equal(s16, s32)
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+@pytest.mark.parametrize("fused_bias", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_the_gpu_call_path_runs_where_torch_has_a_cpu_scaled_mm(granularity, fused_bias, out_dtype):
+    # The exact function the CUDA backend calls (argument layout, bias, output dtype), on CPU.
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    qa, sa = fp8.quantize(x, granularity)
+    qw, sw = fp8.quantize(w, granularity)
+    try:
+        got = fp8._cuda_scaled_mm(qa, qw, sa, sw, b, out_dtype, fused_bias)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"no CPU _scaled_mm for this case in this torch: {exc}")
+    assert got.dtype == out_dtype and got.shape == (32, 48)
+    want = fp8.emulated_scaled_mm(qa, qw, sa, sw, b, torch.float32)
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2

@@ -96,6 +96,9 @@ def emulated_scaled_mm(qa: torch.Tensor, qw: torch.Tensor, scale_a: torch.Tensor
 def _cuda_scaled_mm(qa: torch.Tensor, qw: torch.Tensor, scale_a: torch.Tensor, scale_w: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype, fused_bias: bool) -> torch.Tensor:
     # qw is [N, K] row-major, so qw.t() is the column-major [K, N] operand _scaled_mm wants.
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        # Row-wise _scaled_mm writes bf16 only (a linear called inside a float32 autocast region).
+        return _cuda_scaled_mm(qa, qw, scale_a, scale_w, bias, torch.bfloat16, fused_bias).to(out_dtype)
     scale_b = scale_w.reshape(1, -1)
     if bias is not None and fused_bias:
         return torch._scaled_mm(qa, qw.t(), scale_a=scale_a, scale_b=scale_b, bias=bias.to(out_dtype),
