@@ -22,6 +22,7 @@ from PIL import Image
 
 from storystudio.errors import StoryStudioError
 from storystudio.media import AudioClip
+from storystudio.models import speed
 from storystudio.models.footprint import video_working_bytes
 from storystudio.progress import ProgressReporter
 from storystudio.render import VIDEO_SET, RenderContext, fetch_audio, fetch_image, render_image, render_video
@@ -123,8 +124,11 @@ def swap(ctx: RenderContext, task: BatchTask, pictures: dict[str, Image.Image], 
     progress.update("swap", to=VIDEO_SET)
     before = ctx.manager.stats()
     was_loaded = ctx.manager.is_loaded(VIDEO_SET)
+    # Fast preset: the copy of the DiT linears the videos will not read is not restored.
+    idle = speed.idle_components(speed.resolve_plan(task.video.speed_knobs, ctx.manager.device))
     try:
-        ctx.manager.ensure(VIDEO_SET, working_bytes=video_working_bytes(task.video.area, task.video.infer_frames))
+        ctx.manager.ensure(VIDEO_SET, working_bytes=video_working_bytes(task.video.area, task.video.infer_frames),
+                           idle=idle)
     except Exception as exc:  # noqa: BLE001 - e.g. checkpoint missing: every video fails, images stand
         err = _scene_error(exc, "video")
         for s in out.video_scenes:
@@ -191,6 +195,8 @@ def assemble(task: BatchTask, results: dict[str, dict[str, Any]], timings: dict[
 def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -> dict[str, Any]:
     """Render every scene of ``task``; returns per-scene results and phase timings."""
     t_start = time.perf_counter()
+    # A speed knob this device cannot run (fp8_unsupported) fails the story before any image is made.
+    speed.resolve_plan(task.video.speed_knobs, ctx.manager.device)
     results: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in task.scenes}  # type: ignore[misc]
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS, thread_name_prefix="fetch") as pool:
         fetches = fetch(ctx, task.scenes, pool)

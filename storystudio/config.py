@@ -20,6 +20,7 @@ from storystudio.storage import StorageSettings
 
 DEFAULT_MODELS_DIR = "/runpod-volume/models"
 Prewarm = Literal["none", "image", "video"]
+FastPreset = Literal["lazy", "preload"]  # when the FP8 copy of the DiT linears is built
 
 
 def _float_or_none(env: Mapping[str, str], name: str) -> float | None:
@@ -55,6 +56,7 @@ class WorkerSettings:
     prewarm: Prewarm
     max_audio_seconds: float
     return_base64_max_kb: int
+    fast_preset: FastPreset = "lazy"
     inputs: InputLimits = field(default_factory=InputLimits)
     storage: StorageSettings | None = None
 
@@ -66,6 +68,11 @@ class WorkerSettings:
         if prewarm not in ("none", "image", "video"):
             raise InvalidInput(
                 f"STORYSTUDIO_PREWARM must be none, image or video, not {prewarm!r}", code="invalid_config"
+            )
+        fast_preset = (env.get("STORYSTUDIO_FAST_PRESET") or "lazy").strip().lower()
+        if fast_preset not in ("lazy", "preload"):
+            raise InvalidInput(
+                f"STORYSTUDIO_FAST_PRESET must be lazy or preload, not {fast_preset!r}", code="invalid_config"
             )
         reserve = _float_or_none(env, "STORYSTUDIO_VRAM_HEADROOM_GB")
         max_audio = _float_or_none(env, "STORYSTUDIO_MAX_AUDIO_SECONDS")
@@ -80,6 +87,7 @@ class WorkerSettings:
             prewarm=prewarm,  # type: ignore[arg-type]
             max_audio_seconds=120.0 if max_audio is None else max_audio,
             return_base64_max_kb=2048 if b64 is None else int(b64),
+            fast_preset=fast_preset,  # type: ignore[arg-type]
             inputs=InputLimits.from_env(env),
             storage=StorageSettings.from_env(env),
         )

@@ -33,7 +33,8 @@ class StoryStudioError(Exception):
 class InvalidInput(StoryStudioError):
     """The job input does not match the schema (unknown task, missing field, out of range).
 
-    Codes: ``invalid_input``, ``unknown_task``; ``invalid_config`` for a bad env var at start-up.
+    Codes: ``invalid_input``, ``unknown_task``; ``invalid_config`` for a bad env var at start-up;
+    ``fp8_unsupported`` when a job demands FP8 linears this device cannot run.
     """
 
     code = "invalid_input"

@@ -52,3 +52,20 @@ VIDEO_STEPS_DEFAULT = 40
 VIDEO_GUIDANCE_DEFAULT = 4.5
 VIDEO_SHIFT_DEFAULT = 3.0
 INFER_FRAMES_DEFAULT = 80
+
+# ------------------------------------------------------------------ video speed preset (storystudio/fast_preset.py)
+VIDEO_PRESETS = ("exact", "fast")
+VIDEO_PRESET_DEFAULT = "exact"
+STEP_CACHE_MAX_THRESHOLD = 1.0  # accumulated relative L1 change; near 1 nearly every allowed step is reused
+# The first and last steps are always computed: the first ones set the layout of the video
+# (and give each CFG branch a residual to reuse), the last ones its fine detail.
+STEP_CACHE_FIRST_STEPS = 2
+STEP_CACHE_LAST_STEPS = 2
+STEP_CACHE_MAX_CONSECUTIVE_SKIPS = 3  # a residual is never reused for more than this many steps in a row
+STEP_CACHE_MIN_STEPS = STEP_CACHE_FIRST_STEPS + STEP_CACHE_LAST_STEPS + 1  # fewest steps that can skip one
+# The fast preset's step-cache threshold. The indicator is the change of the noisy latent
+# between steps (storystudio/models/step_cache.py), which the sampler's schedule mostly sets:
+# on the tiny random checkpoint, 40 steps at shift 3 move it by 1.2 % per step early and
+# 6.8 % late, and 0.06 reuses 21 of the 40 steps. Whether that keeps the quality must be
+# judged on real weights (bench/video_fast_drift.py measures the drift on random ones).
+FAST_STEP_CACHE_THRESHOLD = 0.06

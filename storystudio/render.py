@@ -159,10 +159,13 @@ def render_video(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate a talking video for ``audio`` and store it as MP4 with that audio as AAC."""
+    from storystudio.models import speed
     from storystudio.models.video_generator import VideoRequest
 
     timer = Timer()
     t = time.perf_counter()
+    # Fast preset: checked against the device before any model moves (fp8_unsupported).
+    plan = speed.resolve_plan(params.speed_knobs, ctx.manager.device)
     req = VideoRequest(
         image=image,
         audio=to_mono_16k(audio),
@@ -176,12 +179,12 @@ def render_video(
         guidance=params.guidance,
         shift=params.shift,
         seed=seed,
+        speed=plan,
     )
     t = timer.add("audio_prepare", t)
-    out = ctx.manager.run(
-        VIDEO_SET,
-        lambda engine: engine.generate(req, progress),
-        working_bytes=video_working_bytes(params.area, params.infer_frames),
+    out = speed.run_video(
+        ctx.manager, VIDEO_SET, req, working_bytes=video_working_bytes(params.area, params.infer_frames),
+        progress=progress,
     )
     t = timer.add("generate", t)
     with tempfile.TemporaryDirectory(prefix="storystudio-") as tmp:
@@ -203,6 +206,8 @@ def render_video(
         "audio_duration_s": round(audio.duration_s, 3),
         "num_clips": out.num_clips,
         "bytes": stored.size,
+        "preset": params.preset,
+        "speed": out.speed,
         "timings": timer.sections,
     }
 

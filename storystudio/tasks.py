@@ -31,6 +31,7 @@ from pydantic_core import CoreSchema, PydanticCustomError
 
 from storystudio import limits as L
 from storystudio.errors import InvalidInput
+from storystudio.fast_preset import Preset, SpeedKnobs, check_speed_request
 
 TASKS = ("image", "video", "batch")
 
@@ -115,6 +116,25 @@ class VideoParams(_Strict):
     shift: float = Field(L.VIDEO_SHIFT_DEFAULT, gt=0.0, le=L.VIDEO_SHIFT_MAX)
     infer_frames: int = Field(L.INFER_FRAMES_DEFAULT, ge=L.INFER_FRAMES_MIN, le=L.INFER_FRAMES_MAX,
                               multiple_of=L.INFER_FRAMES_MULTIPLE, description="frames per clip")
+    # --- speed preset (storystudio/fast_preset.py): the preset sets defaults, explicit knobs win
+    preset: Preset = Field(L.VIDEO_PRESET_DEFAULT, description="'exact' (default) or 'fast' (approximations, opt-in)")
+    fp8: bool | None = Field(None, description="FP8 DiT linears; null = the preset's choice")
+    attention_8bit: bool | None = Field(None, description="8-bit attention where available; null = preset")
+    step_cache: float | None = Field(
+        None, ge=0.0, le=L.STEP_CACHE_MAX_THRESHOLD, allow_inf_nan=False,
+        description="step-cache threshold (0 = off); null = the preset's choice",
+    )
+
+    @model_validator(mode="after")
+    def _speed_knobs(self) -> VideoParams:
+        check_speed_request(self.preset, self.fp8, self.attention_8bit, self.step_cache, self.steps)
+        return self
+
+    @property
+    def speed_knobs(self) -> SpeedKnobs:
+        return SpeedKnobs.resolve(self.preset, fp8=self.fp8, attention_8bit=self.attention_8bit,
+                                  step_cache=self.step_cache)
+    # --- end speed preset
 
     @property
     def area(self) -> int:

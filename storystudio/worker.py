@@ -58,7 +58,16 @@ def _video_loader(settings: WorkerSettings):
     def load(device: torch.device):
         from storystudio.models.video_generator import WanS2VGenerator
 
-        return WanS2VGenerator.from_pretrained(settings.wan_dir, device=str(device))
+        engine = WanS2VGenerator.from_pretrained(settings.wan_dir, device=str(device))
+        if settings.fast_preset == "preload":
+            # The fast preset's FP8 copy of the DiT linears, built with the set so that it
+            # is a component from the start (lazy: at the first job that uses it).
+            from storystudio.models.fp8 import fp8_support
+
+            support = fp8_support(device)
+            if support.available:
+                engine.build_fp8(support.granularity)
+        return engine
 
     return load
 

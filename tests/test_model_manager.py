@@ -278,3 +278,116 @@ def test_plan_chunks_never_splits_a_tensor():
         assert any(ca <= a and b <= cb for ca, cb in chunks), (a, b)
     assert plan_chunks([], 0) == [(0, 0)]
     assert plan_chunks([(0, 10)], 256, chunk_bytes=1 << 20) == [(0, 256)]
+
+
+# ---------------------------------------------------------------- two copies of some weights (fast preset)
+class TwoCopyEngine:
+    """Like the video engine: a ``linears`` group listed before the ``transformer`` that also holds
+    those Parameter objects, and an FP8-like copy (float8 buffers) added after loading."""
+
+    def __init__(self, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.transformer = nn.Module()
+        self.transformer.lin = nn.Linear(1024, 1024, bias=False)  # 4 MiB (float32)
+        self.transformer.other = nn.Linear(512, 1024, bias=False)  # 2 MiB
+        with torch.no_grad():
+            for p in self.transformer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.transformer.to(device)
+        self.linears = nn.Module()
+        self.linears.register_parameter("lin", self.transformer.lin.weight)
+        self.copy: nn.Module | None = None
+
+    def build_copy(self) -> None:
+        self.copy = nn.Module()
+        w = self.transformer.lin.weight.detach()
+        self.copy.register_buffer("q", (w / w.abs().max() * 448).to(torch.float8_e4m3fn))  # 1 MiB
+        self.copy.register_buffer("scale", w.abs().max().reshape(1, 1) / 448)
+
+    def components(self) -> dict[str, nn.Module]:
+        comps = {"linears": self.linears, "transformer": self.transformer}
+        if self.copy is not None:
+            comps["copy"] = self.copy
+        return comps
+
+
+def _two_copy_manager(budget_mib: float | None) -> ModelManager:
+    mgr = ModelManager("cpu", budget_gib=None if budget_mib is None else budget_mib * MiB / GiB)
+    mgr.register("video", TwoCopyEngine)
+    mgr.register("image", lambda d: FakeEngine(d, {"transformer": 3}, 2), size_hint_bytes=3 * MiB)
+    return mgr
+
+
+def _nbytes(mgr: ModelManager, key: str) -> int:
+    set_name, comp = key.split(".")
+    return next(c.nbytes for c in mgr._get(set_name).components if c.name == comp)
+
+
+def test_a_tensor_listed_by_two_components_belongs_to_the_first():
+    mgr = _two_copy_manager(None)
+    mgr.ensure("video")
+    assert _nbytes(mgr, "video.linears") == 4 * MiB
+    assert _nbytes(mgr, "video.transformer") == 2 * MiB  # lin.weight is not laid out twice
+
+
+def test_components_added_after_load_are_adopted_and_park_bit_exactly():
+    mgr = _two_copy_manager(None)
+    eng = mgr.ensure("video")
+    assert "video.copy" not in mgr.component_residency()
+    eng.build_copy()
+    q_before = eng.copy.q.clone()
+    assert mgr.adopt_components("video") == ["copy"] and mgr.adopt_components("video") == []
+    assert mgr.component_residency()["video.copy"] is True and _nbytes(mgr, "video.copy") == MiB + 256
+    buf = eng.copy.q
+    mgr.park("video")
+    assert mgr.component_residency()["video.copy"] is False
+    mgr.ensure("video")
+    assert eng.copy.q is buf and eng.copy.q.dtype == torch.float8_e4m3fn
+    assert torch.equal(eng.copy.q.view(torch.uint8), q_before.view(torch.uint8))
+
+
+def test_adopting_refuses_a_replaced_component_and_an_unloaded_set():
+    mgr = _two_copy_manager(None)
+    with pytest.raises(RuntimeError, match="not loaded"):
+        mgr.adopt_components("video")
+    eng = mgr.ensure("video")
+    eng.linears = nn.Module()
+    with pytest.raises(RuntimeError, match="video.linears was removed or replaced"):
+        mgr.adopt_components("video")
+
+
+def test_idle_components_are_not_restored_and_are_parked_first():
+    mgr = _two_copy_manager(8.5)  # linears 4 + transformer 2 + copy 1 + image 3 = 10 > 8.5
+    eng = mgr.ensure("video")
+    eng.build_copy()
+    mgr.adopt_components("video")
+    mgr.ensure("image")  # 7 + 3 > 8.5: the LRU video set gives up its smallest sufficient component
+    assert mgr.component_residency()["video.transformer"] is False
+    # A job on the copy: the bf16 linears are idle, so they are parked (not the image set)
+    # and the rest is restored.
+    mgr.ensure("video", idle={"linears"})
+    res = mgr.component_residency()
+    assert res == {"video.linears": False, "video.transformer": True, "video.copy": True, "image.transformer": True}
+    assert mgr.stats().resident == ["video", "image"]  # ready for the kind of job it last ran
+    # An exact job: the copy is idle now, the linears come back, the copy makes room first.
+    mgr.ensure("video", idle={"copy"})
+    res = mgr.component_residency()
+    assert res["video.linears"] is True and res["video.copy"] is False and res["video.transformer"] is True
+    assert torch.equal(eng.linears.lin, eng.transformer.lin.weight)
+
+
+def test_oom_retry_also_parks_the_jobs_idle_components():
+    mgr = _two_copy_manager(None)
+    eng = mgr.ensure("video")
+    eng.build_copy()
+    mgr.adopt_components("video")
+    seen = []
+
+    def flaky(engine):
+        seen.append(mgr.component_residency())
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return "ok"
+
+    assert mgr.run("video", flaky, idle={"linears"}) == "ok"
+    assert seen[1]["video.linears"] is False and seen[1]["video.copy"] is True

@@ -46,7 +46,9 @@ def test_loads_official_components_from_the_folder(wan_gen):
     from wan.modules.vae2_1 import WanVAE_
 
     comps = wan_gen.components()
-    assert set(comps) == {"transformer", "text_encoder", "vae", "audio_encoder"}
+    # transformer_linears: the bf16 weights of the FP8-able linears, a group of the
+    # transformer's own Parameter objects (fast preset; tests/test_speed.py).
+    assert set(comps) == {"transformer_linears", "transformer", "text_encoder", "vae", "audio_encoder"}
     assert isinstance(comps["transformer"], WanModel_S2V)
     assert isinstance(comps["text_encoder"], T5Encoder)
     assert isinstance(comps["vae"], WanVAE_) and comps["vae"].dim == 8

@@ -15,7 +15,13 @@ preallocated *pinned* host buffer measured 0.6 s. That is the whole idea here:
   re-pointed, so engines keep working without knowing anything happened;
 * only as many bytes as needed are parked (smallest sufficient component of the
   least recently used set first), so on a 141 GB H200 nothing moves at all;
-* a set is read from disk once per process; parked sets never touch disk again.
+* a set is read from disk once per process; parked sets never touch disk again;
+* a job may leave some components of its own set *idle* (``run(..., idle=...)``):
+  they are not restored for it and are the first to be parked when room is needed.
+  The video engine uses this for its two copies of the DiT linears (bf16 for exact
+  jobs, FP8 for fast ones), the FP8 copy being added to the loaded set later
+  (:meth:`ModelManager.adopt_components`). A tensor listed by several components of
+  a set belongs to the first that lists it.
 
 On CPU the same code runs with ordinary host memory and, by default, an
 unlimited budget, so the whole worker runs in tests; tests can set a budget to
@@ -28,7 +34,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -60,12 +66,15 @@ class _Slot:
 class _Component:
     """One registered module: its tensors, where they live, and its two flat buffers."""
 
-    def __init__(self, set_name: str, name: str, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, set_name: str, name: str, module: nn.Module, device: torch.device,
+                 seen: set[int] | None = None) -> None:
         self.set_name = set_name
         self.name = name
         self.module = module
         self.slots: list[_Slot] = []
-        seen: set[int] = set()
+        # ``seen`` is shared by the components of one set: a tensor already owned by an
+        # earlier component (or tied within this one) is not laid out twice.
+        seen = set() if seen is None else seen
         offset = 0
         for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
             if id(t) in seen:  # tied weights: one slot, both names follow it
@@ -95,6 +104,7 @@ class _ModelSet:
     components: list[_Component] = field(default_factory=list)
     last_used: float = 0.0
     load_seconds: float | None = None
+    idle: frozenset[str] = frozenset()  # components the last job of this set did not need
 
     @property
     def loaded(self) -> bool:
@@ -103,10 +113,14 @@ class _ModelSet:
     def device_bytes(self) -> int:
         return sum(c.nbytes for c in self.components if c.on_device)
 
-    def missing_bytes(self) -> int:
+    def missing_bytes(self, idle: frozenset[str] = frozenset()) -> int:
         if not self.loaded:
             return self.size_hint_bytes
-        return sum(c.nbytes for c in self.components if not c.on_device)
+        return sum(c.nbytes for c in self.components if not c.on_device and c.name not in idle)
+
+    def ready(self) -> bool:
+        """Every component its last job needed is on the device."""
+        return all(c.on_device for c in self.components if c.name not in self.idle)
 
 
 @dataclass
@@ -208,24 +222,28 @@ class ModelManager:
             raise KeyError(f"unknown model set {name!r}; registered: {sorted(self._sets)}") from None
 
     # ------------------------------------------------------------------ residency
-    def ensure(self, name: str, *, working_bytes: int = 0) -> Any:
+    def ensure(self, name: str, *, working_bytes: int = 0, idle: Iterable[str] = ()) -> Any:
         """Make set ``name`` resident (loading it once if needed) and return its engine.
 
         ``working_bytes`` is the activation memory the coming job needs; room for it
         is made too, so a 720p video may push out more of the other set than a 480p one.
+        Components named in ``idle`` are not needed by the coming job: they are not
+        restored, and they are parked first when room is needed.
         """
+        idle = frozenset(idle)
         with self._lock:
             ms = self._get(name)
             self._clock += 1
             ms.last_used = self._clock
+            ms.idle = idle
             moved_before = (self._parked_bytes, self._restored_bytes)
             move_before = self._move_seconds
-            self._make_room(ms, ms.missing_bytes() + working_bytes)
+            self._make_room(ms, ms.missing_bytes(idle) + working_bytes)
             if not ms.loaded:
                 self._cold_load(ms)
             else:
                 for comp in ms.components:
-                    if not comp.on_device:
+                    if not comp.on_device and comp.name not in idle:
                         self._restore(comp)
             moved = (self._parked_bytes, self._restored_bytes) != moved_before
             if moved:
@@ -236,14 +254,16 @@ class ModelManager:
                 logger.info("model set %s resident after %.3f s of parking/restoring", name, dt)
             return ms.engine
 
-    def run(self, name: str, fn: Callable[[Any], _T], *, working_bytes: int = 0) -> _T:
+    def run(self, name: str, fn: Callable[[Any], _T], *, working_bytes: int = 0, idle: Iterable[str] = ()) -> _T:
         """Run ``fn(engine)`` with the set resident; on CUDA OOM park everything else and retry once.
 
+        ``idle``: components of this set the job does not need (see :meth:`ensure`).
         A second OOM fails the job with ``out_of_memory`` and leaves the worker
         usable: caches are emptied and no set is left half-moved.
         """
+        idle = frozenset(idle)
         with self._lock:
-            engine = self.ensure(name, working_bytes=working_bytes)
+            engine = self.ensure(name, working_bytes=working_bytes, idle=idle)
             try:
                 return fn(engine)
             except torch.OutOfMemoryError as first:
@@ -251,8 +271,11 @@ class ModelManager:
                 self._oom_retries += 1
                 self._free_cuda_cache()
                 self.park_all(except_name=name)
+                for comp in self._get(name).components:
+                    if comp.on_device and comp.name in idle:
+                        self._park(comp)
                 self._free_cuda_cache()
-                engine = self.ensure(name, working_bytes=working_bytes)
+                engine = self.ensure(name, working_bytes=working_bytes, idle=idle)
                 try:
                     return fn(engine)
                 except torch.OutOfMemoryError as second:
@@ -278,6 +301,36 @@ class ModelManager:
                 if ms.name != except_name:
                     self.park(ms.name)
 
+    def adopt_components(self, name: str) -> list[str]:
+        """Manage the components the loaded engine of ``name`` has added since it was loaded.
+
+        For weights an engine builds after loading (the video engine's FP8 copy of its
+        linears). Existing components must stay as they are; a new one may only hold
+        tensors no earlier component holds (shared ones stay with their first owner).
+        Returns the names adopted.
+        """
+        with self._lock:
+            ms = self._get(name)
+            if not ms.loaded:
+                raise RuntimeError(f"model set {name!r} is not loaded")
+            current = ms.engine.components()
+            known = {c.name: c for c in ms.components}
+            for cname, comp in known.items():
+                if current.get(cname) is not comp.module:
+                    raise RuntimeError(f"component {name}.{cname} was removed or replaced after loading")
+            seen = {id(s.tensor) for c in ms.components for s in c.slots}
+            added = []
+            for cname, module in current.items():
+                if cname in known:
+                    continue
+                comp = _Component(name, cname, module, self.device, seen)
+                ms.components.append(comp)
+                if not comp.on_device:
+                    self._restore(comp)
+                added.append(cname)
+                logger.info("adopted component %s: %.2f GiB", comp.key, comp.nbytes / GiB)
+            return added
+
     def warm_host_buffers(self, name: str) -> None:
         """Allocate and pin a set's host buffers now rather than at its first park (benchmarks)."""
         with self._lock:
@@ -292,7 +345,7 @@ class ModelManager:
                 if not ms.loaded:
                     continue
                 loads[ms.name] = round(ms.load_seconds or 0.0, 3)
-                (resident if all(c.on_device for c in ms.components) else parked).append(ms.name)
+                (resident if ms.ready() else parked).append(ms.name)
             return ManagerStats(
                 device=str(self.device),
                 budget_gib=None if self.budget_bytes is None else round(self.budget_bytes / GiB, 2),
@@ -322,6 +375,13 @@ class ModelManager:
         deficit = self._device_bytes() + need - self.budget_bytes
         if deficit <= 0:
             return  # nothing moves, so there is nothing to synchronise or give back
+        # The target's own idle components first: the coming job does not read them.
+        own = [c for c in target.components if c.on_device and c.name in target.idle]
+        while deficit > 0 and own:
+            victim = self._pick_victim(own, deficit)
+            own.remove(victim)
+            self._park(victim)
+            deficit -= victim.nbytes
         while deficit > 0:
             others = [ms for ms in self._sets.values() if ms is not target and ms.device_bytes() > 0]
             if not others:
@@ -333,13 +393,17 @@ class ModelManager:
                 )
                 return
             lru = min(others, key=lambda ms: ms.last_used)
-            comps = [c for c in lru.components if c.on_device]
-            enough = [c for c in comps if c.nbytes >= deficit]
-            victim = min(enough, key=lambda c: c.nbytes) if enough else max(comps, key=lambda c: c.nbytes)
+            victim = self._pick_victim([c for c in lru.components if c.on_device], deficit)
             self._park(victim)
             deficit -= victim.nbytes
         self._sync()
         self._free_cuda_cache()
+
+    @staticmethod
+    def _pick_victim(comps: list[_Component], deficit: int) -> _Component:
+        """The smallest component that covers the deficit alone, else the largest."""
+        enough = [c for c in comps if c.nbytes >= deficit]
+        return min(enough, key=lambda c: c.nbytes) if enough else max(comps, key=lambda c: c.nbytes)
 
     def _cold_load(self, ms: _ModelSet) -> None:
         logger.info("loading model set %s from disk onto %s", ms.name, self.device)
@@ -348,7 +412,8 @@ class ModelManager:
         self._sync()
         ms.load_seconds = time.perf_counter() - t0
         ms.engine = engine
-        ms.components = [_Component(ms.name, n, m, self.device) for n, m in engine.components().items()]
+        seen: set[int] = set()
+        ms.components = [_Component(ms.name, n, m, self.device, seen) for n, m in engine.components().items()]
         off = [c.key for c in ms.components if not c.on_device]
         if off:
             # The engine left something on the host (e.g. loaded on CPU first): bring it over

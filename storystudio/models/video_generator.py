@@ -56,6 +56,7 @@ from storystudio.models.checkpoints.wan_s2v import (
     validate_wan_s2v,
     vae_dim_from_state,
 )
+from storystudio.models import fp8, speed
 from storystudio.patches import wan22
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class VideoRequest:
     shift: float = L.VIDEO_SHIFT_DEFAULT
     seed: int | None = None
     solver: str = "unipc"
+    speed: speed.SpeedPlan = speed.EXACT  # fast-preset knobs resolved for this device (storystudio.models.speed)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class VideoResult:
     height: int
     num_clips: int
     seconds: float
+    speed: dict[str, Any] | None = None  # what the knobs did (speed.report)
 
 
 def _is_num(v) -> bool:
@@ -203,6 +206,10 @@ class WanS2VGenerator:
         self.drop_first_motion: bool = bool(s2v_14B.drop_first_motion)
         self.num_train_timesteps: int = int(s2v_14B.num_train_timesteps)
         self.motion_frames = L.MOTION_FRAMES
+        # Fast preset (storystudio.models.speed): the bf16 weights of the FP8-able linears as a
+        # group of their own (same Parameter objects), and their FP8 copy once built.
+        self.transformer_linears = fp8.LinearWeights(transformer)
+        self.transformer_fp8: fp8.FP8Store | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -244,12 +251,28 @@ class WanS2VGenerator:
 
     # ------------------------------------------------------------------ contract
     def components(self) -> dict[str, torch.nn.Module]:
-        return {
+        # The linears' group comes before the transformer: a tensor belongs to the first
+        # component listing it, so the transformer component holds everything else.
+        comps = {
+            speed.BF16_LINEARS: self.transformer_linears,
             "transformer": self.transformer,
             "text_encoder": self.text_encoder.model,
             "vae": self.vae.model,
             "audio_encoder": self.audio_encoder.model,
         }
+        if self.transformer_fp8 is not None:
+            comps[speed.FP8_WEIGHTS] = self.transformer_fp8
+        return comps
+
+    # ------------------------------------------------------------------ fast preset
+    def fp8_nbytes(self, granularity: fp8.Granularity = "row") -> int:
+        return fp8.store_nbytes(self.transformer, granularity)
+
+    def build_fp8(self, granularity: fp8.Granularity = "row") -> None:
+        """Quantize the DiT's block linears once (their bf16 weights must be resident)."""
+        if self.transformer_fp8 is None:
+            require_resident({speed.BF16_LINEARS: self.transformer_linears}, self.device)
+            self.transformer_fp8 = fp8.build_store(self.transformer, granularity)
 
     # ------------------------------------------------------------------ validation
     def validate(self, request: VideoRequest) -> None:
@@ -364,9 +387,12 @@ class WanS2VGenerator:
         return s, timesteps
 
     # ------------------------------------------------------------------ generation
-    def generate(self, request: VideoRequest, progress: Callable[[int, int], None] | None = None) -> VideoResult:
+    def generate(self, request: VideoRequest, progress: Callable[[int, int], None] | None = None, *,
+                 on_latents: Callable[[int, torch.Tensor], None] | None = None) -> VideoResult:
+        """``on_latents(clip, latents)`` sees each clip's final latents before decoding (drift reports)."""
         self.validate(request)
-        require_resident(self.components(), self.device)
+        idle = speed.idle_components(request.speed)
+        require_resident({k: m for k, m in self.components().items() if k not in idle}, self.device)
         t0 = time.perf_counter()
         try:
             with warnings.catch_warnings():
@@ -375,7 +401,7 @@ class WanS2VGenerator:
                 warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp.*")
                 warnings.filterwarnings("ignore", message=r".*CUDA is not available.*")
                 with torch.no_grad():
-                    result = self._generate(request, progress)
+                    result = self._generate(request, progress, on_latents)
         except torch.cuda.OutOfMemoryError:
             raise  # the ModelManager retries once with everything else parked
         except (InvalidInput, GenerationError):
@@ -387,7 +413,7 @@ class WanS2VGenerator:
                  result.frames.shape[0], result.num_clips, result.seconds, result.seed)
         return result
 
-    def _generate(self, req: VideoRequest, progress) -> VideoResult:
+    def _generate(self, req: VideoRequest, progress, on_latents=None) -> VideoResult:
         dev, dtype = self.device, self.dtype
         infer_frames = int(req.infer_frames)
         max_area = int(req.max_area) if req.max_area is not None else RESOLUTIONS[req.resolution]
@@ -435,6 +461,7 @@ class WanS2VGenerator:
         context_null = [c.to(dtype) for c in context_null]
 
         out = []
+        skipped: list[list[int]] = []  # fast preset: steps each clip's step cache reused
         for r in range(num_clips):
             seed_g = torch.Generator(device=dev)
             seed_g.manual_seed(seed + r)
@@ -457,20 +484,29 @@ class WanS2VGenerator:
             }
             arg_null = dict(arg_c, context=context_null[0:1], audio_input=0.0 * audio_input)
             guide = float(req.guidance)
-            with self._autocast():
-                for t in timesteps:
+            # Fast preset: the knobs are on for this loop only; ``model(branch, ...)`` goes
+            # through the clip's step cache when there is one.
+            cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
+            model = cache if cache is not None else (lambda branch, *a, **kw: self.transformer(*a, **kw))
+            with self._autocast(), speed.applied(self.transformer, self.transformer_fp8, req.speed, dev):
+                for i, t in enumerate(timesteps):
                     timestep = torch.stack([t]).to(dev)
-                    pred_c = self.transformer(latents[0:1], t=timestep, **arg_c)
+                    if cache is not None:
+                        cache.begin_step(i, timestep, latents[0])
+                    pred_c = model("cond", latents[0:1], t=timestep, **arg_c)
                     if guide > 1:
-                        pred_u = self.transformer(latents[0:1], t=timestep, **arg_null)
+                        pred_u = model("uncond", latents[0:1], t=timestep, **arg_null)
                         pred = [u + guide * (c - u) for c, u in zip(pred_c, pred_u)]
                     else:
                         pred = pred_c
                     x0 = scheduler.step(pred[0].unsqueeze(0), t, latents[0].unsqueeze(0), return_dict=False,
                                         generator=seed_g)[0]
                     latents[0] = x0.squeeze(0)
+            skipped.append(cache.skipped_steps if cache is not None else [])
 
             lat = torch.stack(latents)
+            if on_latents is not None:
+                on_latents(r, lat)
             if not drop_motion:
                 decode_latents = torch.cat([motion_latents, lat.to(motion_latents.dtype)], dim=2)
             else:
@@ -491,7 +527,8 @@ class WanS2VGenerator:
         video = torch.cat(out, dim=2)[0][:, :target_frames]  # [3, T, H, W] in [-1, 1]
         frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
         return VideoResult(frames=np.ascontiguousarray(frames), fps=FPS, seed=seed, width=width, height=height,
-                           num_clips=num_clips, seconds=0.0)
+                           num_clips=num_clips, seconds=0.0,
+                           speed=speed.report(req.speed, int(req.steps), skipped))
 
 
 # --------------------------------------------------------------------- loaders

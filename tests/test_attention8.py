@@ -1,0 +1,106 @@
+"""8-bit attention candidate (storystudio/models/attention8.py): SageAttention is not installed
+here, so the self-check and the dispatcher are exercised with stand-in kernels."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from storystudio.models import attention8
+from storystudio.patches import wan22
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(attention8, "_cache", {})
+    wan22.import_wan()
+
+
+def _exact(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=None):
+    assert tensor_layout == "NHD" and not is_causal
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=sm_scale)
+    return out.transpose(1, 2)
+
+
+def _stand_in(kernel, calls: list | None = None):
+    def load():
+        def sageattn(*a, **kw):
+            if calls is not None:
+                calls.append(a[0].shape)
+            return kernel(*a, **kw)
+
+        return sageattn, "sageattention 9.9 (stand-in)"
+
+    return load
+
+
+def test_not_installed_is_unavailable_and_changes_nothing():
+    status = attention8.attention8_status("cpu")
+    assert not status.available and status.detail == "sageattention is not installed"
+    before = {n: sys.modules[n].flash_attention for n in attention8.DIT_ATTENTION_MODULES}
+    with attention8.attention_8bit("cpu") as st:
+        assert st == status
+        assert {n: sys.modules[n].flash_attention for n in attention8.DIT_ATTENTION_MODULES} == before
+
+
+def test_a_kernel_that_agrees_is_used_for_plain_calls_only(monkeypatch):
+    calls: list = []
+    noisy = lambda q, k, v, **kw: _exact(q, k, v, **kw) * 1.01  # 1 % off: within the limit  # noqa: E731
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(noisy, calls))
+    status = attention8.attention8_status("cpu")
+    assert status.available and "self-check error 1.00%" in status.detail
+    model = sys.modules["wan.modules.model"]
+    previous = model.flash_attention
+    q = k = v = torch.randn(1, 16, 2, 64)
+    calls.clear()
+    with attention8.attention_8bit("cpu"):
+        assert model.flash_attention is not previous
+        plain = model.flash_attention(q, k, v)
+        assert len(calls) == 1 and torch.allclose(plain, previous(q, k, v) * 1.01, atol=1e-5)
+        # Padding masks, causal masks and unsupported head dims go to the exact function.
+        masked = model.flash_attention(q, k, v, k_lens=torch.tensor([10]))
+        assert torch.allclose(masked, previous(q, k, v, k_lens=torch.tensor([10])))
+        model.flash_attention(q, k, v, causal=True)
+        model.flash_attention(torch.randn(1, 16, 2, 32), torch.randn(1, 16, 2, 32), torch.randn(1, 16, 2, 32))
+        assert len(calls) == 1
+        # Full-length lens are no mask: the kernel takes them.
+        model.flash_attention(q, k, v, k_lens=torch.tensor([16]))
+        assert len(calls) == 2
+    assert model.flash_attention is previous
+
+
+def test_a_kernel_that_disagrees_is_refused(monkeypatch):
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(lambda q, k, v, **kw: torch.zeros_like(q)))
+    status = attention8.attention8_status("cpu")
+    assert not status.available and "differs from exact attention by 100.0%" in status.detail
+    model = sys.modules["wan.modules.model"]
+    previous = model.flash_attention
+    with attention8.attention_8bit("cpu"):
+        assert model.flash_attention is previous
+
+
+def test_a_kernel_that_crashes_is_refused(monkeypatch):
+    def boom(q, k, v, **kw):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(boom))
+    status = attention8.attention8_status("cpu")
+    assert not status.available and "failed its self-check: RuntimeError: no kernel image" in status.detail
+
+
+def test_a_broken_install_is_unavailable(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **kw):
+        if name == "sageattention":
+            raise ImportError("libcuda.so.1: cannot open shared object file")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    status = attention8.attention8_status("cpu")
+    assert not status.available and "cannot be imported: ImportError: libcuda" in status.detail
