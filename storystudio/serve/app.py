@@ -38,7 +38,7 @@ from storystudio.serve.store import JobRecord, JobStore
 from storystudio.worker import Worker
 
 PUBLIC_PATHS = frozenset({"/", "/health"})
-RUNPOD_STATUS = {"queued": "IN_QUEUE", "running": "IN_PROGRESS", "completed": "COMPLETED", "failed": "FAILED"}
+JOB_STATUS = {"queued": "IN_QUEUE", "running": "IN_PROGRESS", "completed": "COMPLETED", "failed": "FAILED"}
 Ctx = Annotated[ServeContext, Depends(get_context)]
 
 
@@ -53,7 +53,7 @@ class JobRequest(BaseModel):
 def job_view(ctx: ServeContext, record: JobRecord, base: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": record.id,
-        "status": RUNPOD_STATUS[record.status],
+        "status": JOB_STATUS[record.status],
         "api": record.api,
         "task": record.task,
         "created_at": record.created_at,
