@@ -16,12 +16,19 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storystudio.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from storystudio.serve.settings import ServeSettings
 
 log = logging.getLogger("storystudio.serve")
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+# After SIGTERM, requests still waiting for a video get this long; the job itself is then
+# cut off with the process and reported as server_restarted by the next start.
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(settings)
 
 
-def _serve(settings) -> int:
+def _serve(settings: ServeSettings) -> int:
     import uvicorn
 
     from storystudio.serve.app import create_app
@@ -89,7 +96,8 @@ def _serve(settings) -> int:
              settings.host, settings.port, settings.worker.device, settings.output_dir, settings.database,
              settings.media_root or "none (paths refused)", settings.max_jobs_per_key,
              settings.video_settings or "the worker's")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, workers=1)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, workers=1,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import http.client
 import os
+import signal
 import threading
 import time
 from urllib.parse import urlsplit
@@ -315,3 +316,11 @@ def test_sigkill_and_restart_finished_jobs_survive_unfinished_ones_fail(server, 
     assert server.get(f"/jobs/{killed_id}").json()["code"] == "server_restarted"
     assert server.queue() == {"queued": 0, "running": 0}
     assert "marked 1 job(s) left unfinished" in server.log_text()
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    server.proc.terminate()
+    # uvicorn re-raises the signal it handled once it has shut down, so the status may say SIGTERM
+    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = server.log_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import sqlite3
+import threading
+import time
 
 import pytest
 from starlette.exceptions import HTTPException
@@ -16,6 +19,7 @@ from storystudio.serve.errors import http_status
 from storystudio.serve.legacy import SpeechToVideoRequest, generate_video_input, speech_to_video_input
 from storystudio.serve.limits import BodyLimits
 from storystudio.serve.paths import MediaRoot, OutputFolder
+from storystudio.serve.queue import GpuQueue
 from storystudio.serve.store import DatabaseBusy, JobStore, TooManyJobs, describe_input
 from storystudio.tasks import VideoTask, parse_job_input
 
@@ -221,3 +225,43 @@ def test_body_limits_follow_the_worker_input_limits():
     assert limits.for_path("/generate-video") == 9 * 2**20
     assert limits.for_path("/jobs") == 14 * 2**20 * 4 // 3 + 2**20 + 1
     assert limits.for_path("/generate/speech-to-video") == 2**20
+
+
+# ---------------------------------------------------------------------------- the GPU queue
+def test_queue_runs_jobs_one_at_a_time_in_order_and_survives_a_raising_worker(tmp_path):
+    seen, running, overlap = [], [], []
+    gate = threading.Event()
+
+    def run(job):
+        running.append(job["id"])
+        if len(running) > 1:
+            overlap.append(list(running))
+        gate.wait(5)
+        time.sleep(0.01)
+        seen.append(job["input"]["n"])
+        running.remove(job["id"])
+        if job["input"]["n"] == 1:
+            raise RuntimeError("boom")
+        return {"n": job["input"]["n"]}
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    q = GpuQueue(store, run, snapshot=lambda: {"resident": ["video"]})
+    q.start()
+    jobs = [q.submit(api="jobs", task="video", api_key="k", job_input={"n": n}, meta={}, max_unfinished=10)
+            for n in range(4)]
+    assert q.estimate_seconds(jobs[3]) == 4 * 300, "no history yet: the first estimate per job"
+    gate.set()
+
+    async def wait_all():
+        return await asyncio.gather(*(q.wait(j.id) for j in jobs))
+
+    done = asyncio.run(wait_all())
+    assert seen == [0, 1, 2, 3] and not overlap
+    assert [d.status for d in done] == ["completed", "failed", "completed", "completed"]
+    assert done[1].error_code == "internal_error" and "RuntimeError: boom" in done[1].result["error"]
+    for a, b in zip(done, done[1:]):
+        assert a.finished_at <= b.started_at
+    assert q.models_state == {"resident": ["video"]}
+    q.stop()
+    assert not q.alive
+    store.close()
