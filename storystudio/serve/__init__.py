@@ -12,10 +12,11 @@ Modules, one job each:
 
 ``settings``  environment and command-line configuration (:class:`ServeSettings`)
 ``auth``      ``X-API-Key`` checking (constant time) and the loopback-only rule
-``limits``    request body limits derived from the worker's input limits
+``uploads``   request body and upload size limits, derived from the worker's input limits
 ``paths``     confinement of ``image_path``/``audio_path`` and of ``/videos`` to their folders
 ``store``     the SQLite job table (status, input hashes, result, times)
 ``queue``     the one FIFO GPU thread that runs jobs on the worker
+``context``   what the endpoints share; ``submit``: the one way a request becomes a job
 ``errors``    worker error codes -> HTTP status codes, ``{"detail": ...}`` bodies
 ``legacy``    the earlier API: ``/generate-video``, ``/status``, ``/generate/speech-to-video``, ``/videos``
 ``app``       the FastAPI app factory: ``/``, ``/health``, ``/models``, ``/jobs`` plus the above

@@ -30,7 +30,7 @@ from storystudio.render import IMAGE_SET, VIDEO_SET
 from storystudio.serve import errors, legacy
 from storystudio.serve.auth import AuthMiddleware
 from storystudio.serve.context import ServeContext, base_url, get_context
-from storystudio.serve.limits import BodyLimitMiddleware, BodyLimits
+from storystudio.serve.uploads import BodyLimitMiddleware, BodyLimits
 from storystudio.serve.paths import MediaRoot, OutputFolder
 from storystudio.serve.queue import GpuQueue
 from storystudio.serve.settings import ServeSettings

@@ -42,7 +42,7 @@ from storystudio.errors import InvalidInput
 from storystudio.render import VIDEO_FPS
 from storystudio.serve.context import ServeContext, base_url, get_context
 from storystudio.serve.errors import error_response
-from storystudio.serve.limits import check_upload
+from storystudio.serve.uploads import check_upload
 from storystudio.serve.store import JobRecord
 from storystudio.tasks import VideoParams
 

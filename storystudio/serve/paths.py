@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from storystudio.errors import InputFetchError, StorageError
 from storystudio.inputs import InputLimits, Kind
 from storystudio.serve.errors import INPUT_NOT_FOUND
-from storystudio.serve.limits import check_upload
+from storystudio.serve.uploads import check_upload
 from storystudio.storage import check_key
 
 SERVED_TYPES = {".mp4": "video/mp4", ".png": "image/png"}

@@ -17,7 +17,7 @@ from storystudio.errors import InputFetchError, InvalidInput
 from storystudio.inputs import InputLimits
 from storystudio.serve.errors import http_status
 from storystudio.serve.legacy import SpeechToVideoRequest, generate_video_input, speech_to_video_input
-from storystudio.serve.limits import BodyLimits
+from storystudio.serve.uploads import BodyLimits
 from storystudio.serve.paths import MediaRoot, OutputFolder
 from storystudio.serve.queue import GpuQueue
 from storystudio.serve.store import DatabaseBusy, JobStore, TooManyJobs, describe_input

@@ -1,4 +1,4 @@
-"""Request body limits, derived from the worker's input limits (one definition of each limit).
+"""Request body and upload size limits, derived from the worker's input limits (one definition of each limit).
 
 An upload is refused as early as possible: a ``Content-Length`` over the limit gets
 413 before a byte of the body is read, and a body without a length (chunked) is
