@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # Story Studio RunPod serverless worker: Z-Image-Turbo images + Wan2.2-S2V videos.
+# The same image serves the self-hosted HTTP API: `docker run IMAGE http` or docker compose.
 #
 #   docker build -t storystudio .                          # models come from the network volume
 #   docker build --build-arg BAKE_MODELS=1 -t storystudio:baked .   # ~67 GB of weights inside the image
@@ -120,5 +121,9 @@ FROM models-${BAKE_MODELS} AS worker
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1
+# One image, two modes: RunPod serverless (default) or the self-hosted HTTP service
+# (`http` as the first argument or STORYSTUDIO_MODE=http, see docker-compose.yml).
+COPY docker/entrypoint.sh /app/docker/entrypoint.sh
 USER worker
-CMD ["python", "-u", "handler.py"]
+ENTRYPOINT ["/bin/sh", "/app/docker/entrypoint.sh"]
+CMD []

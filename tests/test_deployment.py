@@ -324,10 +324,14 @@ def test_runtime_env_user_and_command(df):
         assert env.get("HF_HUB_OFFLINE") == "1"
         users = df.instrs_of(chain, "USER")
         assert users and users[-1].args not in ("root", "0"), "the worker must not run as root"
+        # The entry point picks the mode: RunPod (python -u handler.py) unless told `http`;
+        # tests/serve/test_deploy.py runs the script itself.
+        entry = df.instrs_of(chain, "ENTRYPOINT")
+        assert entry and json.loads(entry[-1].args) == ["/bin/sh", "/app/docker/entrypoint.sh"]
+        assert ["docker/entrypoint.sh", "/app/docker/entrypoint.sh"] in [
+            shlex.split(i.args) for i in df.instrs_of(chain, "COPY")]
         cmds = df.instrs_of(chain, "CMD")
-        assert cmds, "no CMD"
-        assert json.loads(cmds[-1].args) == ["python", "-u", "handler.py"]
-        assert not df.instrs_of(chain, "ENTRYPOINT")
+        assert cmds and json.loads(cmds[-1].args) == [], "no CMD arguments: the default mode is RunPod"
 
 
 def test_ffmpeg_is_installed(df):

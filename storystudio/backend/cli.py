@@ -11,6 +11,8 @@ Commands (each takes ``--endpoint ID`` or ``RUNPOD_ENDPOINT_ID``)::
     storystudio status JOB_ID                  print a job's status JSON
     storystudio cancel JOB_ID                  cancel a job
     storystudio health                         print the endpoint's /health JSON
+    storystudio serve [--host H] [--port P]    run the worker as a self-hosted HTTP service
+                                               (storystudio.serve; not a RunPod command)
 
 The API key comes from ``RUNPOD_API_KEY``, ``RUNPOD_API_KEY_FILE`` or ``--api-key-file``
 (never from the command line itself). Results go to stdout as JSON; progress and logs go
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cancel", parents=[common], help="cancel a job")
     ca.add_argument("job_id")
     sub.add_parser("health", parents=[common], help="print the endpoint's health")
+    sub.add_parser("serve", add_help=False, help="self-hosted HTTP service (see: storystudio serve --help)")
     return parser
 
 
@@ -277,6 +280,12 @@ def _cmd_warm(args: argparse.Namespace, client: RunPodClient) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `storystudio serve ...` is the self-hosted HTTP service, with its own parser (storystudio/serve/cli.py).
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["serve"]:
+        from storystudio.serve.cli import main as serve_main
+
+        return serve_main(args_in[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from rich.console import Console
