@@ -120,6 +120,7 @@ class DistributedExecutor:
             log.warning("rank(s) %s died between jobs (%s); restarting the pool", dead,
                         ", ".join(describe_exit(pool.procs[r].exitcode) for r in dead))
             self._teardown(graceful=False)
+            self.restarts += 1
         return self._start()
 
     def _start(self) -> _Pool:
@@ -216,7 +217,6 @@ class DistributedExecutor:
                 self._teardown(graceful=False)
                 self.restarts += 1
                 return {"error": f"{exc.code}: {exc.message}", "code": exc.code, "job_id": job_id}
-        result["parallel"] = {"ranks": self.config.world_size, "mode": self.mode}
         return result
 
     def _run(self, job: dict[str, Any]) -> dict[str, Any]:

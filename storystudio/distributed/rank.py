@@ -146,7 +146,10 @@ def _lead(spec: RankSpec, comm: Comm, conn: Any, followers: list[Any]) -> None:
                 return
             if msg[0] == "stop":
                 return
+            before = sum(p.calls for p in parallel)
             result = worker.handle(msg[1])
+            result["parallel"] = {"ranks": comm.size, "mode": spec.mode,
+                                  "dit_forwards": sum(p.calls for p in parallel) - before}
             poisoned = next((repr(p.poisoned) for p in parallel if p.poisoned is not None), None)
             send(("result", result, poisoned))
     finally:
