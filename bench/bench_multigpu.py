@@ -73,7 +73,8 @@ def build_random_dit(profile: str, device: torch.device, dtype: torch.dtype) -> 
     Same rule as the synthetic checkpoint writer (``make_tensor``: deterministic per tensor
     name), so every rank gets identical weights without any transfer.
     """
-    from storystudio.models.checkpoints.wan_s2v import make_tensor, meta_transformer, specs_of, transformer_config
+    from storystudio.models.checkpoints.wan_s2v import meta_transformer
+    from storystudio.synthetic.wan_s2v import make_tensor, specs_of, transformer_config
 
     model = meta_transformer(transformer_config(profile))
     state = {}

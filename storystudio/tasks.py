@@ -117,7 +117,7 @@ class BatchTask(_Strict):
         scene = self.scenes[index]
         if scene.seed is not None:
             return scene.seed
-        return None if self.seed is None else (self.seed + index) % 2**63
+        return None if self.seed is None else (self.seed + index) % (L.SEED_MAX + 1)
 
     @model_validator(mode="after")
     def _scene_ids(self) -> BatchTask:
