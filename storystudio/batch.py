@@ -196,7 +196,8 @@ def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -
         images_time = time.perf_counter() - t
         swapped = _Swap([]) if task.images_only else swap(ctx, task, pictures, results, progress)
         t = time.perf_counter()
-        videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
+        if not task.images_only:
+            videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
         videos_time = time.perf_counter() - t
     return assemble(task, results, {
         "images_time": images_time,

@@ -270,7 +270,7 @@ class FanOut:
                         scenes[s.scene_id]["error"] = {  # type: ignore[index]
                             "error": f"not_shared: the image was stored at {image!r}, which other workers cannot "
                                      "read; --workers needs the endpoint to store results in a bucket "
-                                     "(STORYSTUDIO_S3_* / BUCKET_*)", "code": "not_shared", "stage": "video"}
+                                     "(STORYSTUDIO_S3_BUCKET or RunPod's BUCKET_ENDPOINT_URL)", "code": "not_shared", "stage": "video"}
                         continue
                     futures[pool.submit(self._video, task, i, image, runs[s.scene_id])] = s.scene_id  # type: ignore[index]
                 self._progress(images_job or "-", "videos", 0, len(futures))

@@ -206,6 +206,30 @@ def test_fanout_restores_workers_min_and_cancels_jobs_on_ctrl_c(fresh):
     assert videos and all(j.status == "CANCELLED" for j in videos), [j.status for j in videos]
 
 
+def test_fanout_images_only_batch_renders_images_and_fetches_nothing_else(tiny_models, tmp_path):
+    """The images job: audio and given images are not even downloaded (unreachable here)."""
+    from storystudio.storage import StorageSettings
+
+    zdir, wdir = tiny_models
+    settings = replace(WorkerSettings.from_env({"STORYSTUDIO_DEVICE": "cpu"}), zimage_dir=zdir, wan_dir=wdir,
+                       storage=StorageSettings.from_env({"STORYSTUDIO_OUTPUT_DIR": str(tmp_path)}))
+    events: list[dict] = []
+    worker = Worker.from_settings(settings, sink=lambda job, event: events.append(event))
+    r = worker.handle({"id": "imgs", "input": {
+        "task": "batch", "project_id": "p", "images_only": True, "seed": 9,
+        "image": {"width": 256, "height": 256, "steps": 1},
+        "scenes": [{"scene_id": "a", "prompt": "a cat", "audio": "https://unreachable.invalid/a.mp3"},
+                   {"scene_id": "b", "image": "https://unreachable.invalid/b.png",
+                    "audio": "https://unreachable.invalid/b.mp3"}]}})
+    assert r["scenes_ok"] == 2 and r["scenes_failed"] == 0, r
+    a, b = r["scenes"]
+    assert a["image_source"] == "generated" and a["image_seed"] == 9 and "video_url" not in a
+    assert Image.open(a["image_url"]).size == (256, 256)
+    assert b == {"scene_id": "b", "image_source": "input"}
+    assert r["swap_time"] == 0 and r["manager"]["resident"] == ["image"], "Wan never loaded"
+    assert {e["stage"] for e in events} == {"images"}
+
+
 def test_fanout_job_inputs_follow_the_batch_rules():
     task = parse_job_input({"task": "batch", **story(3, "rules")})
     assert isinstance(task, BatchTask)
