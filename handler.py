@@ -1,7 +1,8 @@
 """RunPod serverless entry point for the Story Studio worker.
 
 Kept thin on purpose: configuration comes from env vars (storystudio.config), the
-job logic lives in storystudio.worker. Run locally with the RunPod test API:
+job logic lives in storystudio.worker; with several GPUs the jobs go to a pool of rank
+processes instead (storystudio.distributed). Run locally with the RunPod test API:
 
     python handler.py --rp_serve_api --rp_api_port 8000
 """
@@ -14,8 +15,8 @@ import os
 import runpod
 
 from storystudio.config import WorkerSettings
+from storystudio.distributed.launch import build_job_handler
 from storystudio.progress import runpod_sink
-from storystudio.worker import Worker
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
         level=os.environ.get("STORYSTUDIO_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    worker = Worker.from_settings(WorkerSettings.from_env(), sink=runpod_sink())
+    worker = build_job_handler(WorkerSettings.from_env(), sink=runpod_sink())
     worker.prewarm()
     runpod.serverless.start({"handler": worker.handle})
 

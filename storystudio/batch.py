@@ -40,12 +40,6 @@ def _scene_error(exc: BaseException, stage: str) -> dict[str, str]:
     return {"error": f"internal error during {stage}: {type(exc).__name__}: {exc}", "code": "internal_error", "stage": stage}
 
 
-def _seed(task: BatchTask, index: int, scene: Scene) -> int | None:
-    if scene.seed is not None:
-        return scene.seed
-    return None if task.seed is None else (task.seed + index) % 2**63
-
-
 @dataclass
 class _Fetches:
     """Downloads started before the image phase: every scene's audio, and the given images."""
@@ -95,8 +89,10 @@ def images(ctx: RenderContext, task: BatchTask, fetches: _Fetches, results: dict
             if sid in fetches.images:
                 pictures[sid] = fetches.images[sid].result()
                 results[sid]["image_source"] = "input"
+            elif scene.image:  # images_only: a given image is not needed here
+                results[sid]["image_source"] = "input"
             else:
-                rendered = render_image(ctx, scene.prompt or "", task.image, _seed(task, i, scene), scene_id=sid)
+                rendered = render_image(ctx, scene.prompt or "", task.image, task.scene_seed(i), scene_id=sid)
                 pictures[sid] = rendered.image
                 results[sid].update(
                     image_source="generated",
@@ -166,9 +162,9 @@ def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictu
                     ctx,
                     pictures[sid],
                     audio,
-                    scene.video_prompt or scene.prompt or "",
+                    scene.video_text,
                     task.video,
-                    _seed(task, i, scene),
+                    task.scene_seed(i),
                     scene_id=sid,
                     progress=progress.steps("video_clips", scene_id=sid),
                 )
@@ -199,13 +195,15 @@ def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -
     speed.resolve_plan(task.video.speed_knobs, ctx.manager.device)
     results: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in task.scenes}  # type: ignore[misc]
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS, thread_name_prefix="fetch") as pool:
-        fetches = fetch(ctx, task.scenes, pool)
+        # images_only (the client's `submit --workers N` fan-out): phase 1 alone, nothing fetched.
+        fetches = _Fetches({}, {}) if task.images_only else fetch(ctx, task.scenes, pool)
         t = time.perf_counter()
         pictures = images(ctx, task, fetches, results, progress)
         images_time = time.perf_counter() - t
-        swapped = swap(ctx, task, pictures, results, progress)
+        swapped = _Swap([]) if task.images_only else swap(ctx, task, pictures, results, progress)
         t = time.perf_counter()
-        videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
+        if not task.images_only:
+            videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
         videos_time = time.perf_counter() - t
     return assemble(task, results, {
         "images_time": images_time,

@@ -71,7 +71,8 @@ class CheckpointError(StoryStudioError):
 
 
 class GenerationError(StoryStudioError):
-    """The model failed while generating (``generation_failed``, ``out_of_memory``)."""
+    """The model failed while generating (``generation_failed``, ``out_of_memory``; on a
+    multi-GPU worker ``rank_failed``: a rank died or the ranks fell out of step)."""
 
     code = "generation_failed"
 

@@ -178,6 +178,11 @@ class Scene(AudioTrim):
             raise ValueError("a scene needs either 'prompt' (to generate its image) or 'image' (or 'image_url')")
         return self
 
+    @property
+    def video_text(self) -> str:
+        """The prompt of the scene's video: ``video_prompt``, else the image ``prompt``."""
+        return self.video_prompt or self.prompt or ""
+
 
 class BatchTask(_Strict):
     task: Literal["batch"]
@@ -186,6 +191,18 @@ class BatchTask(_Strict):
     image: ImageParams = Field(default_factory=ImageParams)
     video: VideoParams = Field(default_factory=VideoParams)
     seed: Seed | None = None
+    images_only: bool = Field(
+        False,
+        description="render and store the scenes' images only (no audio is fetched, no video rendered); "
+        "the client's `submit --workers N` fan-out sends this, then one `video` job per scene",
+    )
+
+    def scene_seed(self, index: int) -> int | None:
+        """Seed of scene ``index`` (image and video): its own, else the batch seed + index."""
+        scene = self.scenes[index]
+        if scene.seed is not None:
+            return scene.seed
+        return None if self.seed is None else (self.seed + index) % (L.SEED_MAX + 1)
 
     @model_validator(mode="after")
     def _scene_ids(self) -> BatchTask:

@@ -32,6 +32,8 @@ from storystudio.tasks import BatchTask, ImageTask, VideoTask, parse_job_input
 
 logger = logging.getLogger(__name__)
 
+EngineHook = Callable[[Any], Any]
+
 
 Runner = Callable[[RenderContext, Any, ProgressReporter], dict[str, Any]]
 
@@ -54,7 +56,7 @@ def _image_loader(settings: WorkerSettings):
     return load
 
 
-def _video_loader(settings: WorkerSettings):
+def _video_loader(settings: WorkerSettings, on_loaded: EngineHook | None = None):
     def load(device: torch.device):
         from storystudio.models.video_generator import WanS2VGenerator
 
@@ -67,13 +69,17 @@ def _video_loader(settings: WorkerSettings):
             support = fp8_support(device)
             if support.available:
                 engine.build_fp8(support.granularity)
-        return engine
+        return engine if on_loaded is None else on_loaded(engine)
 
     return load
 
 
-def build_manager(settings: WorkerSettings) -> ModelManager:
-    """The process's one ModelManager with both model sets registered (nothing loaded)."""
+def build_manager(settings: WorkerSettings, *, on_video_loaded: EngineHook | None = None) -> ModelManager:
+    """The process's one ModelManager with both model sets registered (nothing loaded).
+
+    ``on_video_loaded(engine) -> engine`` runs once, right after the Wan engine is built
+    (the multi-GPU rank 0 makes its DiT forward parallel there, see storystudio/distributed).
+    """
     manager = ModelManager(settings.device, budget_gib=settings.vram_budget_gib, reserve_gib=settings.vram_reserve_gib)
     on_cpu = torch.device(settings.device).type == "cpu"
     manager.register(
@@ -83,7 +89,7 @@ def build_manager(settings: WorkerSettings) -> ModelManager:
     )
     manager.register(
         VIDEO_SET,
-        _video_loader(settings),
+        _video_loader(settings, on_video_loaded),
         size_hint_bytes=folder_weight_bytes(settings.wan_dir, itemsize=4 if on_cpu else 2),
     )
     return manager
@@ -99,8 +105,10 @@ class Worker:
         self.sink = sink
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings, sink: Sink | None = None) -> Worker:
-        return cls(settings, build_manager(settings), make_storage(settings.storage), sink)
+    def from_settings(cls, settings: WorkerSettings, sink: Sink | None = None, *,
+                      on_video_loaded: EngineHook | None = None) -> Worker:
+        return cls(settings, build_manager(settings, on_video_loaded=on_video_loaded),
+                   make_storage(settings.storage), sink)
 
     def prewarm(self) -> None:
         """Load the model set named by ``STORYSTUDIO_PREWARM`` before the first job arrives."""

@@ -127,10 +127,12 @@ def test_worker_import_closure_has_no_synthetic_writer():
         for n in ast.parse((ROOT / "handler.py").read_text()).body
         if isinstance(n, (ast.Import, ast.ImportFrom)) and (getattr(n, "module", None) or "") != "__future__"
     )
-    assert "import storystudio.worker" in handler_imports
-    # the engines are imported lazily by the model loaders: import them too, as the
-    # first job does
-    code = "\n".join(handler_imports + ["import storystudio.models.image_generator",
+    assert "import storystudio.distributed.launch" in handler_imports
+    # the Worker (or the multi-GPU rank pool) is imported lazily by launch, the engines
+    # by the model loaders: import them too, as start-up and the first job do
+    code = "\n".join(handler_imports + ["import storystudio.worker",
+                                        "import storystudio.distributed.executor",
+                                        "import storystudio.models.image_generator",
                                         "import storystudio.models.video_generator"])
     loaded = _closure(code)
     assert "storystudio.worker" in loaded and "storystudio.models.video_generator" in loaded

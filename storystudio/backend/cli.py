@@ -8,6 +8,8 @@ Commands (each takes ``--endpoint ID`` or ``RUNPOD_ENDPOINT_ID``)::
                                                process is interrupted/terminated; then restore
     storystudio submit story.json [--warm N] [--wait-ready] [--timeout S]
                                                run a story, print per-scene results as JSON
+    storystudio submit story.json --workers N  the same, spread over N workers (images job,
+                                               then one video job per scene, N at a time)
     storystudio status JOB_ID                  print a job's status JSON
     storystudio cancel JOB_ID                  cancel a job
     storystudio health                         print the endpoint's /health JSON
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("story", help="story JSON file (job input or {'input': ...}); '-' for stdin")
     sp.add_argument("--warm", type=_non_negative_int, default=None, metavar="N",
                     help="keep workersMin >= N while the story runs, restore afterwards")
+    sp.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+                    help="fan out over N workers: workersMin=N for the story (restored afterwards), "
+                         "the images as one job, then one video job per scene, N at a time "
+                         "(see storystudio/backend/fanout.py)")
     sp.add_argument("--wait-ready", action="store_true", help="with --warm: wait for a ready worker first")
     sp.add_argument("--ready-timeout", type=_positive, default=600.0)
     sp.add_argument("--ready-poll", type=_positive, default=5.0)
@@ -232,15 +238,26 @@ def _cmd_submit(args: argparse.Namespace, client: RunPodClient, console: Any) ->
         submit_log.setLevel(logging.WARNING)
     try:
         with progress:
-            result = submit_story(
-                client, args.endpoint, project,
-                timeout=args.timeout, poll=poll,
-                execution_timeout=args.execution_timeout if args.execution_timeout else -1,
-                warm=args.warm or None, wait_ready=args.wait_ready,
-                ready_timeout=args.ready_timeout, ready_poll_interval=args.ready_poll,
-                on_progress=on_progress, on_submitted=on_submitted,
-                cancel_on_abort=not args.no_cancel,
-            )
+            if args.workers and args.workers > 1:
+                from .fanout import fan_out_story
+
+                result = fan_out_story(
+                    client, args.endpoint, project, workers=args.workers,
+                    timeout=args.timeout, poll=poll,
+                    execution_timeout=args.execution_timeout if args.execution_timeout else -1,
+                    wait_ready=args.wait_ready, ready_timeout=args.ready_timeout,
+                    ready_poll_interval=args.ready_poll, on_progress=on_progress,
+                )
+            else:
+                result = submit_story(
+                    client, args.endpoint, project,
+                    timeout=args.timeout, poll=poll,
+                    execution_timeout=args.execution_timeout if args.execution_timeout else -1,
+                    warm=args.warm or None, wait_ready=args.wait_ready,
+                    ready_timeout=args.ready_timeout, ready_poll_interval=args.ready_poll,
+                    on_progress=on_progress, on_submitted=on_submitted,
+                    cancel_on_abort=not args.no_cancel,
+                )
     finally:
         submit_log.setLevel(saved_level)
     _print_json(result.to_dict())

@@ -20,6 +20,15 @@ reports while ``IN_PROGRESS`` (one per poll) and how it ends. The "worker" valid
 handler results (a handler's top-level ``error`` key becomes the job's ``error`` and the
 job is ``FAILED``).
 
+Real workers (:meth:`FakeRunPod.start_workers`): instead of plans, K worker threads take
+queued jobs in order and run a real handler (``Worker.handle`` on the tiny checkpoints),
+its progress updates becoming the job's ``output`` while ``IN_PROGRESS``, as the runpod
+SDK reports them. Every run is recorded (:attr:`FakeRunPod.executions`: worker, start,
+end) so tests can see concurrency. :meth:`FakeRunPod.kill_when` kills the worker that
+runs a matching job at its first progress update (a ``BaseException`` unwinds the
+handler, like SIGKILL would end it): the job becomes ``FAILED`` as RunPod reports a
+worker that exited, or vanishes (``404``), or ``TIMED_OUT``; a fresh worker replaces it.
+
 Failure injection: :meth:`FakeRunPod.add_fault` makes matching requests answer with a
 status (e.g. a 503 burst, 429 + ``Retry-After``) or stall for ``delay`` seconds (client
 timeout), optionally after applying the request (``apply=True``: the PATCH lands but
@@ -106,6 +115,37 @@ class Job:
     output: Any = None
     error: Any = None
     stream: list[Any] = field(default_factory=list)
+    by_workers: bool = False  # run by a real worker thread, not by a plan
+
+
+class WorkerKilled(BaseException):
+    """Raised inside a fake worker's handler (from its progress sink) to end it abruptly.
+
+    A BaseException: the worker code catches ``Exception`` only, so nothing in it can
+    turn this into a job result, just as nothing survives a SIGKILL.
+    """
+
+
+@dataclass
+class Execution:
+    """One job run by one fake worker."""
+
+    job_id: str
+    worker: str
+    task: str | None
+    start: float
+    end: float | None = None
+    outcome: str | None = None  # final status, or "killed"
+
+
+@dataclass
+class KillRule:
+    match: Callable[[dict[str, Any]], bool]  # on the job's input
+    mode: str = "failed"  # failed | lost | timed_out
+    times: int = 1
+
+
+KILL_MODES = ("failed", "lost", "timed_out")
 
 
 def _worker_output(inp: Any, plan: JobPlan, job_id: str) -> dict[str, Any]:
@@ -183,6 +223,14 @@ class FakeRunPod:
         self.health_never_ready = False
         self._warmup: dict[str, int] = {}
         self.on_request: Callable[[dict[str, Any]], None] | None = None
+        # real workers (start_workers)
+        self.executions: list[Execution] = []
+        self.kill_rules: list[KillRule] = []
+        self._handler_factory: Callable[[Callable[[dict[str, Any], Any], None]], Callable] | None = None
+        self._work = threading.Condition(self.lock)
+        self._stopping = False
+        self._worker_threads: list[threading.Thread] = []
+        self._worker_names = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counter = itertools.count(1)
@@ -216,6 +264,11 @@ class FakeRunPod:
         return self
 
     def stop(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for t in self._worker_threads:
+            t.join(timeout=60)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -240,6 +293,90 @@ class FakeRunPod:
     @property
     def rest_base(self) -> str:
         return f"{self.url}/v1"
+
+    # ------------------------------------------------------------------ real workers
+
+    def start_workers(self, handler_factory: Callable[[Callable[[dict[str, Any], Any], None]], Callable],
+                      count: int) -> None:
+        """Start ``count`` worker threads; ``handler_factory(sink)`` builds one worker's
+        ``handle(job) -> result`` (e.g. ``Worker.from_settings(settings, sink=sink).handle``).
+        From now on every submitted job is run by these workers."""
+        self._handler_factory = handler_factory
+        for _ in range(count):
+            self._spawn_worker()
+
+    def kill_when(self, match: Callable[[dict[str, Any]], bool], mode: str = "failed", times: int = 1) -> KillRule:
+        """Kill the worker running the next job whose input satisfies ``match``."""
+        if mode not in KILL_MODES:
+            raise ValueError(mode)
+        rule = KillRule(match, mode, times)
+        with self.lock:
+            self.kill_rules.append(rule)
+        return rule
+
+    def _spawn_worker(self) -> None:
+        name = f"worker-{next(self._worker_names)}"
+        t = threading.Thread(target=self._worker_loop, args=(name,), name=name, daemon=True)
+        self._worker_threads.append(t)
+        t.start()
+
+    def _take(self) -> Job | None:
+        with self._work:
+            while True:
+                if self._stopping:
+                    return None
+                job = next((j for j in self.jobs.values() if j.by_workers and j.status == "IN_QUEUE"), None)
+                if job is not None:
+                    job.status = "IN_PROGRESS"
+                    return job
+                self._work.wait(timeout=0.5)
+
+    def _worker_loop(self, name: str) -> None:
+        assert self._handler_factory is not None
+        current: dict[str, Job] = {}
+
+        def sink(job_dict: dict[str, Any], event: Any) -> None:
+            job = current.get("job")
+            if job is None:
+                return
+            with self.lock:
+                rule = next((r for r in self.kill_rules if r.times > 0 and r.match(job.body["input"])), None)
+                if rule is not None:
+                    rule.times -= 1
+                    raise WorkerKilled(rule.mode)
+                if job.status == "IN_PROGRESS":
+                    job.output = copy.deepcopy(event)
+
+        handle = self._handler_factory(sink)
+        while True:
+            job = self._take()
+            if job is None:
+                return
+            current["job"] = job
+            run = Execution(job.id, name, job.body["input"].get("task"), time.monotonic())
+            with self.lock:
+                self.executions.append(run)
+            try:
+                result = handle({"id": job.id, "input": copy.deepcopy(job.body["input"])})
+            except WorkerKilled as killed:
+                with self.lock:
+                    run.end, run.outcome = time.monotonic(), "killed"
+                    mode = killed.args[0]
+                    if mode == "lost":
+                        self.jobs.pop(job.id, None)
+                    elif mode == "timed_out":
+                        job.status, job.output, job.error = "TIMED_OUT", None, None
+                    else:
+                        job.status, job.output = "FAILED", None
+                        job.error = "worker exited unexpectedly (exit code 137)"
+                self._spawn_worker()  # RunPod replaces a dead worker
+                return
+            with self.lock:
+                run.end = time.monotonic()
+                if job.status == "IN_PROGRESS":  # not cancelled meanwhile
+                    job.status, job.output, job.error = _sdk_result(copy.deepcopy(result))
+                run.outcome = job.status
+            current.pop("job", None)
 
     # ------------------------------------------------------------------ test helpers
 
@@ -473,15 +610,21 @@ class FakeRunPod:
             plan = self.plans.pop(0) if self.plans else copy.deepcopy(self.default_plan)
             prefix = "sync-" if op == "runsync" else ""
             job = Job(id=f"{prefix}{uuid.uuid4()}-u{next(self._counter)}", endpoint_id=eid,
-                      body=body, plan=plan, stream=list(plan.stream))
+                      body=body, plan=plan, stream=list(plan.stream),
+                      by_workers=self._handler_factory is not None)
             self.jobs[job.id] = job
+            if job.by_workers:
+                if op == "runsync":
+                    raise BadRequest(400, "the fake's real workers serve /run only")
+                self._work.notify_all()
+                return 200, {"id": job.id, "status": job.status}
             if op == "runsync" and plan.final != "NEVER":
                 self._finish(job)
                 return 200, self._job_view(job)
             return 200, {"id": job.id, "status": job.status}
 
     def _advance(self, job: Job) -> None:
-        if job.status in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
+        if job.by_workers or job.status in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
             return
         job.polls += 1
         plan = job.plan
