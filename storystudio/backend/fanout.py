@@ -34,6 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from storystudio.first_spec import add_first_spec_names
 from storystudio.tasks import BatchTask, parse_job_input
 
 from .client import PollSettings, RunPodClient
@@ -313,6 +314,7 @@ class FanOut:
                 "attempts": {sid: r.attempts for sid, r in runs.items() if r.attempts},
             },
         }
+        add_first_spec_names(task, output)  # scene ``id`` as a batch job's result carries it
         return StoryResult.from_output(output, project=project, job_id=images_job)
 
     @staticmethod

@@ -128,6 +128,7 @@ def test_fanout_cli_renders_a_story_over_two_workers_in_parallel(fresh, s3_serve
 
     # the batch result shape, per scene the image and the video
     assert out["ok"] and [s["scene_id"] for s in out["scenes"]] == ["s1", "s2", "s3"]
+    assert [s["id"] for s in out["scenes"]] == ["s1", "s2", "s3"], "a batch job's scene id (first spec)"
     for key in ("images_time", "videos_time", "total_time", "swap_time"):
         assert isinstance(out[key], float)
     assert out["fanout"]["workers"] == 2 and out["fanout"]["attempts"] == {"s1": 1, "s2": 1, "s3": 1}
@@ -225,7 +226,7 @@ def test_fanout_images_only_batch_renders_images_and_fetches_nothing_else(tiny_m
     a, b = r["scenes"]
     assert a["image_source"] == "generated" and a["image_seed"] == 9 and "video_url" not in a
     assert Image.open(a["image_url"]).size == (256, 256)
-    assert b == {"scene_id": "b", "image_source": "input"}
+    assert b == {"scene_id": "b", "id": "b", "image_source": "input"}
     assert r["swap_time"] == 0 and r["manager"]["resident"] == ["image"], "Wan never loaded"
     assert {e["stage"] for e in events} == {"images"}
 
