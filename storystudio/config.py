@@ -16,6 +16,8 @@ from typing import Literal
 
 from storystudio.errors import InvalidInput
 from storystudio.inputs import InputLimits
+from storystudio.models.compile import COMPILE_CACHE_DIRNAME
+from storystudio.models.video_path import VideoPathOptions
 from storystudio.storage import StorageSettings
 
 DEFAULT_MODELS_DIR = "/runpod-volume/models"
@@ -59,6 +61,8 @@ class WorkerSettings:
     fast_preset: FastPreset = "lazy"
     inputs: InputLimits = field(default_factory=InputLimits)
     storage: StorageSettings | None = None
+    video_path: VideoPathOptions = field(default_factory=VideoPathOptions)
+    compile_cache_dir: Path | None = None  # None: <models_dir>/.torch-compile-cache
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -90,4 +94,6 @@ class WorkerSettings:
             fast_preset=fast_preset,  # type: ignore[arg-type]
             inputs=InputLimits.from_env(env),
             storage=StorageSettings.from_env(env),
+            video_path=VideoPathOptions.from_env(env),
+            compile_cache_dir=Path(env.get("STORYSTUDIO_COMPILE_CACHE_DIR") or models / COMPILE_CACHE_DIRNAME),
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 VIDEO_FPS = 16  # s2v_14B.sample_fps: output videos and resampled pose videos
 SPEECH_SAMPLE_RATE = 16_000  # what the wav2vec2 speech encoder of Wan2.2-S2V expects
 MOTION_FRAMES = 73  # s2v_14B.transformer.motion_frames
+FIRST_CLIP_DROP_FRAMES = 3  # frames the first clip loses with s2v_14B.drop_first_motion
 RESOLUTIONS: dict[str, int] = {"480p": 480 * 832, "720p": 720 * 1280}  # max pixel areas, as Wan's generate.py
 SOLVERS = ("unipc", "dpm++")
 
@@ -45,7 +46,7 @@ VIDEO_GUIDANCE_MAX = 20.0
 VIDEO_SHIFT_MAX = 20.0  # shift must be > 0
 INFER_FRAMES_MIN = 4
 INFER_FRAMES_MAX = 160
-INFER_FRAMES_MULTIPLE = 4
+INFER_FRAMES_MULTIPLE = 4  # the VAE's temporal stride: every clip, a shortened last one too, is a multiple
 # Official defaults (s2v_14B: 40 steps, guidance 4.5, shift 3 for 480p, 80 frames per clip).
 VIDEO_RESOLUTION_DEFAULT = "480p"
 VIDEO_STEPS_DEFAULT = 40

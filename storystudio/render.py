@@ -209,6 +209,7 @@ def render_video(
         "preset": params.preset,
         "speed": out.speed,
         "timings": timer.sections,
+        "engine": out.engine,
     }
 
 

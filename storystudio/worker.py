@@ -23,7 +23,7 @@ from storystudio.config import WorkerSettings
 from storystudio.errors import StoryStudioError
 from storystudio.first_spec import add_first_spec_names
 from storystudio.models.footprint import folder_weight_bytes
-from storystudio.models.model_manager import ModelManager
+from storystudio.models.model_manager import GiB, ModelManager
 from storystudio.progress import ProgressReporter, Sink
 from storystudio.batch import run_batch
 from storystudio.render import IMAGE_SET, VIDEO_SET, RenderContext, run_image_task, run_video_task
@@ -56,11 +56,18 @@ def _image_loader(settings: WorkerSettings):
     return load
 
 
-def _video_loader(settings: WorkerSettings, on_loaded: EngineHook | None = None):
+def _video_loader(settings: WorkerSettings, manager: ModelManager, on_loaded: EngineHook | None = None):
     def load(device: torch.device):
         from storystudio.models.video_generator import WanS2VGenerator
 
-        engine = WanS2VGenerator.from_pretrained(settings.wan_dir, device=str(device))
+        engine = WanS2VGenerator.from_pretrained(
+            settings.wan_dir,
+            device=str(device),
+            options=settings.video_path,
+            compile_cache_dir=settings.compile_cache_dir,
+            memory_limit=lambda: manager.budget_bytes,
+            memory_headroom_bytes=int(settings.vram_reserve_gib * GiB),
+        )
         if settings.fast_preset == "preload":
             # The fast preset's FP8 copy of the DiT linears, built with the set so that it
             # is a component from the start (lazy: at the first job that uses it).
@@ -89,7 +96,7 @@ def build_manager(settings: WorkerSettings, *, on_video_loaded: EngineHook | Non
     )
     manager.register(
         VIDEO_SET,
-        _video_loader(settings, on_video_loaded),
+        _video_loader(settings, manager, on_video_loaded),
         size_hint_bytes=folder_weight_bytes(settings.wan_dir, itemsize=4 if on_cpu else 2),
     )
     return manager

@@ -23,9 +23,14 @@ _MARGIN = 1.25
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
 
-def video_working_bytes(area: int, infer_frames: int = 80) -> int:
-    """Activation bytes of one Wan S2V clip of ``infer_frames`` frames at ``area`` pixels."""
-    gib = 0.5 + 23.0 * (area / 1e6) * (infer_frames / 80)
+def video_working_bytes(area: int, infer_frames: int = 80, *, batch: int = 1) -> int:
+    """Activation bytes of one Wan S2V clip of ``infer_frames`` frames at ``area`` pixels.
+
+    ``batch=2`` is classifier-free guidance's two branches in one forward: the
+    activations of one forward scale with the batch (the measured peaks above are
+    batch 1; two sequential forwards peak like one).
+    """
+    gib = 0.5 + 23.0 * (area / 1e6) * (infer_frames / 80) * batch
     return int(gib * _MARGIN * GiB)
 
 

@@ -5,7 +5,17 @@ from_pretrained`): ``WanModel_S2V`` (transformer), the umt5 ``T5Encoder`` (text
 encoder), ``Wan2_1_VAE`` and the wav2vec2 ``AudioEncoder``. ``generate`` mirrors the
 official ``WanS2V.generate`` (wan/speech2video.py) but takes the image, audio and pose
 frames as in-memory arrays, runs on any device (autocast only on CUDA) and reports
-progress per clip.
+progress per clip. It is split into named phases (plan, audio embedding, reference and
+motion latents, text context, the per-clip denoising loop, decode); the loop
+(:meth:`WanS2VGenerator._denoise`) takes the per-step model call as a function, the seam
+where step-level speed-ups plug in.
+
+How a generation runs is set by :class:`~storystudio.models.video_path.VideoPathOptions`
+(``engine.options``, read at every generate): the exact path (default: the attention
+kernel picked by the start-up self-check, CFG's two branches in one batch-2 forward
+when memory allows, regional ``torch.compile`` of the DiT blocks on CUDA, a last clip
+only as long as the audio needs) or the baseline (the engine before issue 10). Both give
+the same video up to float rounding; each result's ``engine`` dict says what ran.
 
 Contract with the ModelManager: the weight-holding modules are exactly those of
 :meth:`components`; the manager moves them by reassigning ``param.data`` / buffers, so
@@ -24,8 +34,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable
-from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +48,11 @@ from storystudio.limits import RESOLUTIONS
 from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
 from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
+from storystudio.models.attention import AttentionSelection, select_backend
+from storystudio.models.compile import COMPILE_CACHE_DIRNAME, BlockCompiler, configure_cache
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
+from storystudio.models.footprint import GiB, video_working_bytes
+from storystudio.models.video_path import VideoPathOptions
 from storystudio.models.checkpoints.common import read_json
 from storystudio.models.checkpoints.wan_s2v import (
     CONFIG_FILE,
@@ -90,7 +103,105 @@ class VideoResult:
     height: int
     num_clips: int
     seconds: float
-    speed: dict[str, Any] | None = None  # what the knobs did (speed.report)
+    speed: dict[str, Any] | None = None  # what the fast knobs did (speed.report)
+    engine: dict[str, Any] = field(default_factory=dict)  # how the exact parts ran: EngineReport.as_dict()
+
+
+StepCall = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (latents, timestep, step) -> prediction
+BranchForward = Callable[..., list[torch.Tensor]]  # (branch, [latents...], t=..., **dit_kwargs) -> predictions
+
+
+def _deciding_steps(cache: Any, call_model: StepCall) -> StepCall:
+    """``call_model`` preceded by the step cache's per-step decision (once per step, for every branch)."""
+
+    def call(latents: torch.Tensor, timestep: torch.Tensor, step: int) -> torch.Tensor:
+        cache.begin_step(step, timestep, latents)
+        return call_model(latents, timestep, step)
+
+    return call
+
+
+@dataclass
+class GenerationPlan:
+    """Sizes, seed and clip lengths of one generation (phase 1)."""
+
+    height: int
+    width: int
+    seed: int
+    infer_frames: int
+    target_frames: int  # frames of the output: round(audio seconds * 16)
+    clip_frames: list[int]  # frames generated per clip
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.clip_frames)
+
+
+@dataclass
+class ClipInputs:
+    """One clip's noise, generator and DiT keyword arguments (cond and uncond branches)."""
+
+    index: int
+    frames: int
+    noise: torch.Tensor  # [16, frames / 4, h, w]
+    generator: torch.Generator
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+    drop_motion: bool
+
+
+@dataclass
+class EngineReport:
+    """How a generation ran; reported as ``engine`` in every video job's result."""
+
+    path: str  # exact | baseline
+    attention: str  # the attention backend that ran
+    clip_frames: list[int]
+    cfg_batched_clips: int = 0  # clips whose CFG branches ran as one batch-2 forward
+    guided_clips: int = 0  # clips with guidance > 1
+    compiled_clips: int = 0  # clips that ran on the compiled DiT blocks
+    notes: list[str] = field(default_factory=list)
+
+    def note_clip(self, *, cfg_batched: bool, guided: bool) -> None:
+        self.cfg_batched_clips += int(cfg_batched)
+        self.guided_clips += int(guided)
+
+    def cfg_fallback(self, clip: int) -> None:
+        self.cfg_batched_clips -= 1
+        self.notes.append(f"clip {clip}: CFG batch ran out of memory, two forwards used")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "attention": self.attention,
+            "cfg_batched": self.guided_clips > 0 and self.cfg_batched_clips == self.guided_clips,
+            "compiled": self.compiled_clips > 0,
+            "clip_frames": self.clip_frames,
+            "cfg_batched_clips": self.cfg_batched_clips,
+            "compiled_clips": self.compiled_clips,
+            "notes": self.notes,
+        }
+
+
+def plan_clip_frames(target_frames: int, infer_frames: int, *,
+                     first_clip_drop: int = L.FIRST_CLIP_DROP_FRAMES, trim_last: bool = True,
+                     granularity: int = L.INFER_FRAMES_MULTIPLE) -> list[int]:
+    """Frames to generate per clip for a video of ``target_frames`` frames.
+
+    Official rule: ``ceil((target + drop) / infer_frames)`` clips of ``infer_frames`` frames,
+    the first losing ``first_clip_drop`` frames. With ``trim_last`` the last clip is only
+    as long as the frames still missing (plus the drop when it is also the first clip),
+    rounded up to ``granularity`` (the VAE's temporal stride) and never longer than
+    ``infer_frames``: a 1 s line needs 16 + 3 frames and gets a 20-frame clip, not 80.
+    """
+    if target_frames < 1 or infer_frames < granularity or infer_frames % granularity:
+        raise ValueError(f"bad clip plan: {target_frames} frames, clips of {infer_frames}")
+    num_clips = max(1, math.ceil((target_frames + first_clip_drop) / infer_frames))
+    clips = [infer_frames] * num_clips
+    if trim_last:
+        missing = target_frames + first_clip_drop - infer_frames * (num_clips - 1)
+        clips[-1] = min(infer_frames, math.ceil(missing / granularity) * granularity)
+    return clips
 
 
 def _is_num(v) -> bool:
@@ -190,7 +301,9 @@ class WanS2VGenerator:
     name = "wan_s2v"
 
     def __init__(self, *, transformer, text_encoder, vae, audio_encoder, config: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype, path: Path) -> None:
+                 device: torch.device, dtype: torch.dtype, path: Path, options: VideoPathOptions | None = None,
+                 compile_cache_dir: Path | None = None, memory_limit: Callable[[], int | None] | None = None,
+                 memory_headroom_bytes: int = 0) -> None:
         wan22.import_wan()
         from wan.configs.wan_s2v_14B import s2v_14B
 
@@ -210,18 +323,33 @@ class WanS2VGenerator:
         # group of their own (same Parameter objects), and their FP8 copy once built.
         self.transformer_linears = fp8.LinearWeights(transformer)
         self.transformer_fp8: fp8.FP8Store | None = None
+        # How generations run (exact path by default); read at every generate, so it can
+        # be switched on a loaded model (the benchmark compares paths in one process).
+        self.options = options or VideoPathOptions()
+        # Where compiled kernels are cached (default: next to the model folder, on the volume).
+        self.compile_cache_dir = compile_cache_dir if compile_cache_dir is not None else path.parent / COMPILE_CACHE_DIRNAME
+        # GPU memory this process may fill (the ModelManager's budget, asked at each decision)
+        # and what to leave free: the CFG-batch decision stays inside both.
+        self.memory_limit = memory_limit
+        self.memory_headroom_bytes = memory_headroom_bytes
+        self.attention: AttentionSelection | None = None  # the start-up self-check's result
+        self._compiler: BlockCompiler | None = None
+        self._compile_error: str | None = None  # set when compiling failed once: eager from then on
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> WanS2VGenerator:
+                        dtype: torch.dtype | None = None, options: VideoPathOptions | None = None,
+                        **engine_kwargs: Any) -> WanS2VGenerator:
         """Validate the folder, then build the official components on ``device``.
 
         DiT: ``WanModel_S2V`` from config.json on ``meta``, each safetensors shard read
         straight onto ``device`` and assigned (no host copy of the model). T5 and VAE:
         architecture inferred from the state-dict shapes (one loader for tiny and full),
         memory-mapped ``.pth`` copied tensor by tensor to ``device``. The VAE stays
-        float32 (official); dtype default: bf16 on CUDA, float32 on CPU.
+        float32 (official); dtype default: bf16 on CUDA, float32 on CPU. Then the
+        attention self-check runs once on the device (:meth:`select_attention`).
+        ``engine_kwargs`` go to the constructor (compile cache folder, memory limits).
         """
         root = Path(path)
         validate_wan_s2v(root)
@@ -244,10 +372,25 @@ class WanS2VGenerator:
                 f"Wan2.2-S2V checkpoint at {root} could not be loaded: {type(exc).__name__}: {exc}",
                 code="checkpoint_corrupt",
             ) from exc
-        log.info("Wan2.2-S2V loaded from %s on %s (%s) in %.1fs (DiT %.1fs, T5 %.1fs; attention %s)", root,
-                 device, dtype, time.perf_counter() - t0, t1 - t0, t2 - t1, wan22.attention_backend())
-        return cls(transformer=transformer, text_encoder=text_encoder, vae=vae, audio_encoder=audio_encoder,
-                   config=config, device=device, dtype=dtype, path=root)
+        log.info("Wan2.2-S2V loaded from %s on %s (%s) in %.1fs (DiT %.1fs, T5 %.1fs)", root, device, dtype,
+                 time.perf_counter() - t0, t1 - t0, t2 - t1)
+        engine = cls(transformer=transformer, text_encoder=text_encoder, vae=vae, audio_encoder=audio_encoder,
+                     config=config, device=device, dtype=dtype, path=root, options=options, **engine_kwargs)
+        engine.select_attention()
+        return engine
+
+    def select_attention(self, requested: str | None = None) -> AttentionSelection:
+        """Run the attention self-check on this device for the DiT's head size; keep and return it.
+
+        ``requested`` defaults to ``options.attention``. Called once at load; the worker or
+        a benchmark may call it again (e.g. to force another backend).
+        """
+        requested = requested or self.options.attention
+        heads = int(self.config.get("num_heads", self.transformer.num_heads))
+        head_dim = int(self.config.get("dim", self.transformer.dim)) // heads
+        self.attention = select_backend(device=self.device, dtype=self.dtype, heads=heads, head_dim=head_dim,
+                                        requested=requested)
+        return self.attention
 
     # ------------------------------------------------------------------ contract
     def components(self) -> dict[str, torch.nn.Module]:
@@ -409,126 +552,328 @@ class WanS2VGenerator:
         except RuntimeError as exc:
             raise GenerationError(f"video generation failed: {type(exc).__name__}: {exc}") from exc
         result.seconds = time.perf_counter() - t0
-        log.info("video %dx%d, %d frames in %d clips, %.1fs (seed %d)", result.width, result.height,
-                 result.frames.shape[0], result.num_clips, result.seconds, result.seed)
+        log.info("video %dx%d, %d frames in %d clips, %.1fs (seed %d; %s)", result.width, result.height,
+                 result.frames.shape[0], result.num_clips, result.seconds, result.seed, result.engine)
         return result
 
-    def _generate(self, req: VideoRequest, progress, on_latents=None) -> VideoResult:
-        dev, dtype = self.device, self.dtype
+    def _generate(self, req: VideoRequest, progress: Callable[[int, int], None] | None,
+                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> VideoResult:
+        """The official ``WanS2V.generate`` as named phases; see each method."""
+        plan = self._plan(req)
+        report = EngineReport(path=self.options.name, attention=self._attention_backend(),
+                              clip_frames=list(plan.clip_frames))
+        audio_emb = self._embed_audio(req.audio, plan)
+        ref_latents, motion_latents, last_frames = self._reference_and_motion(req.image, plan)
+        pose = self._pose_cond(req.pose_frames, plan.num_clips, plan.infer_frames, plan.height, plan.width)
+        context, context_null = self._text_context(req)
+        out = []
+        skipped: list[list[int]] = []  # fast preset: the steps each clip's step cache reused
+        with wan22.use_attention(report.attention):
+            for r, frames in enumerate(plan.clip_frames):
+                clip = self._clip_inputs(r, frames, plan, audio_emb, ref_latents, motion_latents, pose, context,
+                                         context_null, req)
+                latents, clip_skipped = self._denoise_clip(clip, req, plan, report)
+                skipped.append(clip_skipped)
+                if on_latents is not None:
+                    on_latents(r, latents.unsqueeze(0))
+                image = self._decode_clip(latents, clip, motion_latents, ref_latents)
+                out.append(image.float().cpu())
+                if r + 1 < plan.num_clips:
+                    last_frames, motion_latents = self._next_motion(last_frames, image)
+                if progress is not None:
+                    progress(r + 1, plan.num_clips)
+        video = torch.cat(out, dim=2)[0][:, :plan.target_frames]  # [3, T, H, W] in [-1, 1]
+        frames_u8 = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        return VideoResult(frames=np.ascontiguousarray(frames_u8), fps=FPS, seed=plan.seed, width=plan.width,
+                           height=plan.height, num_clips=plan.num_clips, seconds=0.0,
+                           speed=speed.report(req.speed, int(req.steps), skipped), engine=report.as_dict())
+
+    # --- phase 1: sizes and clips
+    def _plan(self, req: VideoRequest) -> GenerationPlan:
+        """Output size (official area rule), seed, and how many frames each clip generates.
+
+        Enough clips to cover the audio; with drop_first_motion the first clip loses 3
+        frames (official). The exact path shortens the last clip to what the audio needs
+        (:func:`plan_clip_frames`); the video is then trimmed to exactly the audio's length.
+        """
         infer_frames = int(req.infer_frames)
         max_area = int(req.max_area) if req.max_area is not None else RESOLUTIONS[req.resolution]
         w0, h0 = req.image.size
         height, width = get_size_less_than_area(h0, w0, target_area=max_area)
         seed = int(req.seed) if req.seed is not None else secrets.randbelow(2**31)
+        target_frames = max(1, round(req.audio.shape[0] / SAMPLE_RATE * FPS))
+        drop = L.FIRST_CLIP_DROP_FRAMES if self.drop_first_motion else 0
+        clips = plan_clip_frames(target_frames, infer_frames, first_clip_drop=drop,
+                                 trim_last=self.options.trim_last_clip)
+        return GenerationPlan(height=height, width=width, seed=seed, infer_frames=infer_frames,
+                              target_frames=target_frames, clip_frames=clips)
 
-        # Frames: enough clips to cover the audio, then trimmed to its length. With
-        # drop_first_motion the first clip loses 3 frames (official).
-        seconds_audio = req.audio.shape[0] / SAMPLE_RATE
-        target_frames = max(1, round(seconds_audio * FPS))
-        drop = 3 if self.drop_first_motion else 0
-        num_clips = max(1, math.ceil((target_frames + drop) / infer_frames))
+    # --- phase 2: audio embedding
+    def _embed_audio(self, audio: np.ndarray, plan: GenerationPlan) -> torch.Tensor:
+        """wav2vec2 features bucketed per video frame (official ``encode_audio``): [1, layers, C, frames].
 
-        # Audio embedding buckets (official encode_audio), zero-padded if the clips
-        # need more buckets than the audio gives (official pads with zeros too).
-        feat = self._audio_features(req.audio)
-        bucket, _nr = self.audio_encoder.get_audio_embed_bucket_fps(feat, fps=FPS, batch_frames=infer_frames, m=0)
-        bucket = bucket.to(dev, dtype).unsqueeze(0)
+        Zero-padded when the clips need more frames than the audio gives (the official
+        code pads with zeros too).
+        """
+        feat = self._audio_features(audio)
+        bucket, _nr = self.audio_encoder.get_audio_embed_bucket_fps(feat, fps=FPS, batch_frames=plan.infer_frames,
+                                                                    m=0)
+        bucket = bucket.to(self.device, self.dtype).unsqueeze(0)
         audio_emb = bucket.permute(0, 2, 3, 1) if bucket.ndim == 4 else bucket.permute(0, 2, 1)
-        need = num_clips * infer_frames
+        need = plan.num_clips * plan.infer_frames
         if audio_emb.shape[-1] < need:
             audio_emb = F.pad(audio_emb, (0, need - audio_emb.shape[-1]))
+        return audio_emb
 
+    # --- phase 3: reference and motion latents
+    def _reference_and_motion(self, image: Image.Image, plan: GenerationPlan
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reference latent, the first clip's motion latents, and the motion frame buffer.
+
+        Returns ``(ref_latents, motion_latents, last_frames)``; ``last_frames`` holds the
+        last 73 decoded frames that the next clip's motion latents are encoded from.
+        """
+        height, width = plan.height, plan.width
         lat_motion_frames = (self.motion_frames + 3) // 4
-        ref_pixels = _ref_pixels(req.image, height, width)
-        ref_latents = self._vae_encode(ref_pixels)
-        videos_last_frames = torch.zeros([1, 3, self.motion_frames, height, width], dtype=self.vae.dtype,
-                                         device=dev)
+        ref_latents = self._vae_encode(_ref_pixels(image, height, width))
+        last_frames = torch.zeros([1, 3, self.motion_frames, height, width], dtype=self.vae.dtype, device=self.device)
         if self.drop_first_motion:
             # Clip 0 drops its motion frames (the frame packer's tokens are discarded and
             # the decode starts from the reference latent), so the official encode of
             # 73 black frames is never used: zeros of the latent shape stand in for it.
             motion_latents = torch.zeros([1, 16, lat_motion_frames, height // 8, width // 8],
-                                         dtype=self.vae.dtype, device=dev)
+                                         dtype=self.vae.dtype, device=self.device)
         else:
-            motion_latents = self._vae_encode(videos_last_frames)
-        cond = self._pose_cond(req.pose_frames, num_clips, infer_frames, height, width)
+            motion_latents = self._vae_encode(last_frames)
+        return ref_latents, motion_latents, last_frames
 
+    # --- phase 4: text context
+    def _text_context(self, req: VideoRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """umT5 embeddings of the prompt and of the negative prompt ([L, 4096] each, model dtype)."""
         n_prompt = self.sample_neg_prompt if req.negative_prompt is None else req.negative_prompt
         with self._autocast():
-            context = self.text_encoder([req.prompt], dev)
-            context_null = self.text_encoder([n_prompt], dev)
-        context = [c.to(dtype) for c in context]
-        context_null = [c.to(dtype) for c in context_null]
+            context = self.text_encoder([req.prompt], self.device)
+            context_null = self.text_encoder([n_prompt], self.device)
+        return context[0].to(self.dtype), context_null[0].to(self.dtype)
 
-        out = []
-        skipped: list[list[int]] = []  # fast preset: steps each clip's step cache reused
-        for r in range(num_clips):
-            seed_g = torch.Generator(device=dev)
-            seed_g.manual_seed(seed + r)
-            lat_target_frames = (infer_frames + 3 + self.motion_frames) // 4 - lat_motion_frames
-            target_shape = [lat_target_frames, height // 8, width // 8]
-            noise = [torch.randn(16, *target_shape, dtype=dtype, device=dev, generator=seed_g)]
-            max_seq_len = int(np.prod(target_shape) // 4)
-            scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
-            latents = deepcopy(noise)
-            left, right = r * infer_frames, (r + 1) * infer_frames
-            cond_latents = (cond[r] if req.pose_frames is not None else cond[0] * 0).to(dtype=dtype, device=dev)
-            audio_input = audio_emb[..., left:right]
-            input_motion_latents = motion_latents.to(dtype).clone()
-            ref_in = ref_latents.to(dtype)
-            drop_motion = self.drop_first_motion and r == 0
-            arg_c = {
-                "context": context[0:1], "seq_len": max_seq_len, "cond_states": cond_latents,
-                "motion_latents": input_motion_latents, "ref_latents": ref_in, "audio_input": audio_input,
-                "motion_frames": [self.motion_frames, lat_motion_frames], "drop_motion_frames": drop_motion,
-            }
-            arg_null = dict(arg_c, context=context_null[0:1], audio_input=0.0 * audio_input)
-            guide = float(req.guidance)
-            # Fast preset: the knobs are on for this loop only; ``model(branch, ...)`` goes
-            # through the clip's step cache when there is one.
-            cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
-            model = cache if cache is not None else (lambda branch, *a, **kw: self.transformer(*a, **kw))
-            with self._autocast(), speed.applied(self.transformer, self.transformer_fp8, req.speed, dev):
-                for i, t in enumerate(timesteps):
-                    timestep = torch.stack([t]).to(dev)
-                    if cache is not None:
-                        cache.begin_step(i, timestep, latents[0])
-                    pred_c = model("cond", latents[0:1], t=timestep, **arg_c)
-                    if guide > 1:
-                        pred_u = model("uncond", latents[0:1], t=timestep, **arg_null)
-                        pred = [u + guide * (c - u) for c, u in zip(pred_c, pred_u)]
-                    else:
-                        pred = pred_c
-                    x0 = scheduler.step(pred[0].unsqueeze(0), t, latents[0].unsqueeze(0), return_dict=False,
-                                        generator=seed_g)[0]
-                    latents[0] = x0.squeeze(0)
-            skipped.append(cache.skipped_steps if cache is not None else [])
+    # --- phase 5: one clip's denoising
+    def _clip_inputs(self, r: int, frames: int, plan: GenerationPlan, audio_emb: torch.Tensor,
+                     ref_latents: torch.Tensor, motion_latents: torch.Tensor, pose: list[torch.Tensor],
+                     context: torch.Tensor, context_null: torch.Tensor, req: VideoRequest) -> ClipInputs:
+        """Noise and the DiT's keyword arguments for clip ``r`` of ``frames`` frames.
 
-            lat = torch.stack(latents)
-            if on_latents is not None:
-                on_latents(r, lat)
-            if not drop_motion:
-                decode_latents = torch.cat([motion_latents, lat.to(motion_latents.dtype)], dim=2)
+        A clip shorter than ``infer_frames`` (the exact path's last clip) takes the first
+        ``frames`` frames of its audio and pose windows; the Wan VAE is causal in time, so
+        the first latents of a longer pose encode are those of the shorter one.
+        """
+        dev, dtype = self.device, self.dtype
+        lat_motion_frames = (self.motion_frames + 3) // 4
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(plan.seed + r)
+        lat_frames = (frames + 3 + self.motion_frames) // 4 - lat_motion_frames
+        target_shape = [lat_frames, plan.height // 8, plan.width // 8]
+        noise = torch.randn(16, *target_shape, dtype=dtype, device=dev, generator=generator)
+        left = r * plan.infer_frames
+        cond_latents = (pose[r] if req.pose_frames is not None else pose[0] * 0)[:, :, :lat_frames]
+        audio_input = audio_emb[..., left:left + frames]
+        drop_motion = self.drop_first_motion and r == 0
+        arg_c = {
+            "context": [context], "seq_len": int(np.prod(target_shape) // 4),
+            "cond_states": cond_latents.to(dtype=dtype, device=dev),
+            "motion_latents": motion_latents.to(dtype).clone(), "ref_latents": ref_latents.to(dtype),
+            "audio_input": audio_input, "motion_frames": [self.motion_frames, lat_motion_frames],
+            "drop_motion_frames": drop_motion,
+        }
+        arg_null = dict(arg_c, context=[context_null], audio_input=0.0 * audio_input)
+        return ClipInputs(index=r, frames=frames, noise=noise, generator=generator, cond=arg_c, uncond=arg_null,
+                          drop_motion=drop_motion)
+
+    def _denoise_clip(self, clip: ClipInputs, req: VideoRequest, plan: GenerationPlan,
+                      report: EngineReport) -> tuple[torch.Tensor, list[int]]:
+        """One clip's sampling: scheduler, the model call (CFG batched or not, through the fast
+        preset's step cache when it has one), the fast knobs and the compiled blocks around
+        :meth:`_denoise`. Returns the final latents and the steps the step cache reused."""
+        scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
+        guidance = float(req.guidance)
+        batched = guidance > 1 and self._cfg_batch(plan.height * plan.width, clip.frames)
+        # Fast preset: a fresh step cache per clip; ``forward(branch, x, **kw)`` computes or reuses.
+        cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
+        forward: BranchForward = cache if cache is not None else (lambda branch, *a, **kw: self.transformer(*a, **kw))
+        call_model = self._model_call(clip, guidance, batched, report, forward)
+        if cache is not None:
+            call_model = _deciding_steps(cache, call_model)
+        compiled = self._clip_compiled(clip.frames, plan.infer_frames)
+        rng_state = clip.generator.get_state()
+        with speed.applied(self.transformer, self.transformer_fp8, req.speed, self.device):
+            if not compiled:
+                latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
             else:
-                decode_latents = torch.cat([ref_latents, lat.to(ref_latents.dtype)], dim=2)
-            image = self._vae_decode(decode_latents)
-            image = image[:, :, -infer_frames:]
-            if drop_motion:
-                image = image[:, :, 3:]
-            out.append(image.float().cpu())
-            if r + 1 < num_clips:
-                overlap = min(self.motion_frames, image.shape[2])
-                videos_last_frames = torch.cat(
-                    [videos_last_frames[:, :, overlap:], image[:, :, -overlap:].to(videos_last_frames.dtype)], dim=2)
-                motion_latents = self._vae_encode(videos_last_frames)
-            if progress is not None:
-                progress(r + 1, num_clips)
+                try:
+                    with self._compiler_for(True):
+                        latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
+                    report.compiled_clips += 1
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a compiler failure must cost speed, not the job
+                    # Eager from here on for this engine; a genuine model error recurs eagerly and surfaces.
+                    self._compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    log.warning("compiled DiT blocks failed (%s); running eager from now on", self._compile_error)
+                    report.notes.append(f"clip {clip.index}: compile failed, ran eager ({self._compile_error})")
+                    clip.generator.set_state(rng_state)
+                    scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
+                    if cache is not None:
+                        cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
+                        forward = cache
+                    call_model = self._model_call(clip, guidance, batched, report, forward, count=False)
+                    if cache is not None:
+                        call_model = _deciding_steps(cache, call_model)
+                    latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
+        return latents, (cache.skipped_steps if cache is not None else [])
 
-        video = torch.cat(out, dim=2)[0][:, :target_frames]  # [3, T, H, W] in [-1, 1]
-        frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-        return VideoResult(frames=np.ascontiguousarray(frames), fps=FPS, seed=seed, width=width, height=height,
-                           num_clips=num_clips, seconds=0.0,
-                           speed=speed.report(req.speed, int(req.steps), skipped))
+    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, call_model: StepCall,
+                 generator: torch.Generator) -> torch.Tensor:
+        """The sampling loop: at each timestep ``call_model(latents, t, i)`` gives the guided
+        noise prediction ([16, T, h, w]) and the scheduler takes one step.
+
+        ``call_model`` is the seam for per-step speed-ups: the fast preset's step cache sits
+        inside it (it may reuse an earlier residual instead of running the DiT blocks)
+        without touching the loop, the schedulers or the clip plumbing. ``t`` is the
+        official ``[1]`` timestep tensor on the device, ``i`` the step index.
+        """
+        with self._autocast():
+            for i, t in enumerate(timesteps):
+                timestep = torch.stack([t]).to(self.device)
+                pred = call_model(latents, timestep, i)
+                latents = scheduler.step(pred.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False,
+                                         generator=generator)[0].squeeze(0)
+        return latents
+
+    def _model_call(self, clip: ClipInputs, guidance: float, batched: bool, report: EngineReport,
+                    forward: BranchForward, *, count: bool = True) -> StepCall:
+        """The guided prediction ``u + guidance * (c - u)`` as one batch-2 forward or two forwards.
+
+        Batch 2 stacks cond (prompt, audio) and uncond (negative prompt, zeroed audio)
+        along the batch; ``WanModel_S2V`` takes lists/batched tensors for every extra
+        input and all tokens of both samples have the same length, so attention stays
+        unpadded. A batched forward that runs out of memory falls back to two forwards for
+        the rest of the clip (and the report says so) instead of failing the job.
+        ``forward(branch, x, **kw)`` runs the DiT; the branch names (``cond``, ``uncond``,
+        ``pair`` for the batch of two) key the step cache's residuals.
+        """
+        arg_c, arg_null = clip.cond, clip.uncond
+
+        def single(latents: torch.Tensor, timestep: torch.Tensor, step: int) -> torch.Tensor:
+            pred_c = forward("cond", [latents], t=timestep, **arg_c)[0]
+            if guidance <= 1:
+                return pred_c
+            pred_u = forward("uncond", [latents], t=timestep, **arg_null)[0]
+            return pred_u + guidance * (pred_c - pred_u)
+
+        if not batched:
+            if count:
+                report.note_clip(cfg_batched=False, guided=guidance > 1)
+            return single
+        arg_b = dict(arg_c, context=arg_c["context"] + arg_null["context"],
+                     cond_states=torch.cat([arg_c["cond_states"], arg_null["cond_states"]]),
+                     motion_latents=torch.cat([arg_c["motion_latents"], arg_null["motion_latents"]]),
+                     ref_latents=torch.cat([arg_c["ref_latents"], arg_null["ref_latents"]]),
+                     audio_input=torch.cat([arg_c["audio_input"], arg_null["audio_input"]]))
+        state = {"batched": True}
+        if count:
+            report.note_clip(cfg_batched=True, guided=True)
+
+        def both(latents: torch.Tensor, timestep: torch.Tensor, step: int) -> torch.Tensor:
+            if state["batched"]:
+                try:
+                    pred_c, pred_u = forward("pair", [latents, latents], t=timestep, **arg_b)
+                    return pred_u + guidance * (pred_c - pred_u)
+                except torch.OutOfMemoryError:
+                    state["batched"] = False
+                    report.cfg_fallback(clip.index)
+                    log.warning("CFG batch of 2 ran out of memory at clip %d step %d; two forwards from here",
+                                clip.index, step)
+                    torch.cuda.empty_cache()
+            return single(latents, timestep, step)
+
+        return both
+
+    def _cfg_batch(self, area: int, frames: int) -> bool:
+        """Whether this clip's two CFG branches run as one batch-2 forward.
+
+        ``on``/``off`` force it; ``auto`` batches when the activation estimate of a batch
+        of two (:func:`video_working_bytes`) fits in what the device has free (allocator
+        cache included) minus the headroom, and within the ModelManager's budget. On
+        CPU memory is not planned, so ``auto`` batches.
+        """
+        mode = self.options.cfg_batch
+        if mode != "auto":
+            return mode == "on"
+        if self.device.type != "cuda":
+            return True
+        need = video_working_bytes(area, frames, batch=2)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        available = free + torch.cuda.memory_reserved(self.device) - allocated - self.memory_headroom_bytes
+        limit = self.memory_limit() if self.memory_limit is not None else None
+        if limit is not None:
+            available = min(available, limit - allocated)
+        fits = need <= available
+        if not fits:
+            log.info("CFG batch of 2 needs ~%.1f GiB, %.1f GiB available: two forwards", need / GiB, available / GiB)
+        return fits
+
+    # --- compile
+    def _clip_compiled(self, frames: int, infer_frames: int) -> bool:
+        """Regional compile for this clip? ``auto`` = on CUDA; only full-length clips (see compile.py)."""
+        mode = self.options.compile
+        on = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        # A DiT whose forward was replaced on the instance (the multi-GPU ParallelDiT) runs its
+        # blocks in lock-step with other ranks that do not compile: left eager.
+        parallel = "forward" in vars(self.transformer)
+        return on and frames == infer_frames and self._compile_error is None and not parallel
+
+    def _compiler_for(self, compiled: bool) -> contextlib.AbstractContextManager[None]:
+        if not compiled:
+            return contextlib.nullcontext()
+        backend = self.options.compile_backend
+        if self._compiler is None or self._compiler.backend != backend:
+            if backend == "inductor":
+                configure_cache(self.compile_cache_dir, self.device)
+            self._compiler = BlockCompiler(self.transformer.blocks, backend=backend)
+        return self._compiler.installed()
+
+    def _attention_backend(self) -> str:
+        """The backend this generation uses: the self-check's pick for ``options.attention``."""
+        requested = self.options.attention
+        if requested in ("default", "sdpa"):
+            return requested
+        if self.attention is None or self.attention.requested != requested:
+            self.select_attention(requested)
+        assert self.attention is not None
+        return self.attention.backend
+
+    # --- phase 6: decode
+    def _decode_clip(self, latents: torch.Tensor, clip: ClipInputs, motion_latents: torch.Tensor,
+                     ref_latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode one clip after its motion (or, for clip 0, reference) latents; keep its frames.
+
+        Returns [1, 3, frames, H, W] in [-1, 1] (3 fewer frames for clip 0 with drop_first_motion).
+        """
+        lat = latents.unsqueeze(0)
+        if not clip.drop_motion:
+            decode_latents = torch.cat([motion_latents, lat.to(motion_latents.dtype)], dim=2)
+        else:
+            decode_latents = torch.cat([ref_latents, lat.to(ref_latents.dtype)], dim=2)
+        image = self._vae_decode(decode_latents)[:, :, -clip.frames:]
+        if clip.drop_motion:
+            image = image[:, :, L.FIRST_CLIP_DROP_FRAMES:]
+        return image
+
+    def _next_motion(self, last_frames: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slide the 73-frame motion buffer over the new clip and encode the next motion latents."""
+        overlap = min(self.motion_frames, image.shape[2])
+        last_frames = torch.cat([last_frames[:, :, overlap:], image[:, :, -overlap:].to(last_frames.dtype)], dim=2)
+        return last_frames, self._vae_encode(last_frames)
 
 
 # --------------------------------------------------------------------- loaders

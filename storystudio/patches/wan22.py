@@ -12,16 +12,19 @@ makes exactly those importable and runnable on a machine without CUDA:
   decord, opencv) never runs. ``wan/modules/t5.py`` evaluates
   ``torch.cuda.current_device()`` as a default argument at import; that call is
   patched for the duration of the import when CUDA is absent.
-* Attention: the official ``flash_attention`` asserts CUDA and flash_attn. When neither
-  flash-attn 3 (``flash_attn_interface``) nor flash-attn 2 (``flash_attn``) is
-  importable, :func:`sdpa_flash_attention` (torch SDPA honouring ``q_lens``/``k_lens``
-  as padding masks, flash-attn varlen semantics) is bound to the name
-  ``flash_attention`` in every official module that imported it.
-* :func:`attention_backend` tells which one is active (for logs and the bench).
+* Attention: the official ``flash_attention`` asserts CUDA and flash_attn. Our
+  :func:`flash_attention` (same signature) is bound to that name in every official
+  module that imported it, always: it runs the backend chosen by the engine's start-up
+  self-check (:mod:`storystudio.models.attention`: cuDNN / flash-attn 2/3/4 / SDPA
+  kernels) inside :func:`use_attention`, and outside it the ``default`` path that ran
+  before: the official function when flash-attn is importable, else torch SDPA
+  honouring ``q_lens``/``k_lens`` as padding masks.
+* :func:`attention_backend` tells which one the ``default`` path uses (logs, bench).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -30,11 +33,13 @@ import sys
 import threading
 import types
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+
+from storystudio.models import attention
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +80,12 @@ _FLASH_IMPORTERS = (
 _lock = threading.RLock()
 _done = False
 _backend: Backend | None = None
+_official_flash: Callable[..., Any] | None = None  # the official function, kept when flash-attn is importable
+_active = "default"  # see use_attention()
 
 
 def attention_backend() -> Backend:
-    """Which attention the official modules use: ``fa3``, ``fa2`` or ``sdpa`` (torch).
+    """Which attention the ``default`` path uses: ``fa3``, ``fa2`` or ``sdpa`` (torch).
 
     Decided by the official ``wan.modules.attention`` itself (its
     ``FLASH_ATTN_3_AVAILABLE`` / ``FLASH_ATTN_2_AVAILABLE`` flags, set by really
@@ -145,9 +152,9 @@ def import_wan() -> types.ModuleType:
     """Make the needed official modules importable (idempotent); returns the ``wan`` stub.
 
     Works without CUDA. After this call, e.g. ``from wan.modules.s2v.model_s2v import
-    WanModel_S2V`` works and its attention runs on the active :func:`attention_backend`.
+    WanModel_S2V`` works and its attention runs through :func:`flash_attention`.
     """
-    global _done, _backend
+    global _done, _backend, _official_flash
     with _lock:
         if _done:
             return sys.modules["wan"]
@@ -174,22 +181,24 @@ def import_wan() -> types.ModuleType:
                 torch.cuda.current_device = orig_current_device  # type: ignore[assignment]
 
         _backend = backend = _official_backend()
-        if backend == "sdpa":
-            for name in _FLASH_IMPORTERS:
-                mod = sys.modules.get(name)
-                if mod is None:
-                    try:
-                        mod = importlib.import_module(name)
-                    except ImportError:  # pragma: no cover - optional module
-                        continue
-                if hasattr(mod, "flash_attention"):
-                    mod.flash_attention = sdpa_flash_attention
+        if backend != "sdpa":
+            _official_flash = sys.modules["wan.modules.attention"].flash_attention
+        for name in _FLASH_IMPORTERS:
+            mod = sys.modules.get(name)
+            if mod is None:
+                try:
+                    mod = importlib.import_module(name)
+                except ImportError:  # pragma: no cover - optional module
+                    continue
+            if hasattr(mod, "flash_attention"):
+                mod.flash_attention = flash_attention
         log.info("wan22 imported from %s (attention backend: %s)", root, backend)
         _done = True
         return sys.modules["wan"]
 
 
-def sdpa_flash_attention(
+# ----------------------------------------------------------------------------- attention shim
+def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -204,24 +213,34 @@ def sdpa_flash_attention(
     dtype: torch.dtype = torch.bfloat16,
     version: int | None = None,
 ) -> torch.Tensor:
-    """Drop-in for ``wan.modules.attention.flash_attention`` on torch SDPA.
+    """Drop-in for ``wan.modules.attention.flash_attention``, on the active backend.
 
-    q: [B, Lq, Nq, C1], k: [B, Lk, Nk, C1], v: [B, Lk, Nk, C2] (Nq divisible by Nk).
-    Varlen semantics of flash-attn: keys at positions ``>= k_lens[b]`` are ignored,
-    queries at positions ``>= q_lens[b]`` produce zeros. ``causal`` and
-    ``window_size`` are aligned bottom-right like flash-attn. On CUDA non-half inputs
-    are cast to ``dtype`` as the official function does; on CPU the math runs in the
-    promoted dtype of q/k/v (float32 for a float32 model). Returns [B, Lq, Nq, C2] in
-    q's dtype.
+    Bound by :func:`import_wan` in every official module that imported the official
+    function. q: [B, Lq, Nq, C1], k: [B, Lk, Nk, C1], v: [B, Lk, Nk, C2]; flash-attn varlen
+    semantics for ``q_lens``/``k_lens`` (see :func:`storystudio.models.attention.masked_sdpa`).
+    On CUDA non-half inputs are cast to ``dtype`` as the official function does; on CPU
+    the math runs in the promoted dtype of q/k/v (float32 for a float32 model). Returns
+    [B, Lq, Nq, C2] in q's dtype.
+
+    Backend ``default`` is what ran before the self-check existed: the official function
+    when flash-attn is importable, else torch SDPA choosing its own kernel. Inside a
+    ``torch.compile``d region the call goes through the opaque custom op
+    ``storystudio::wan_attention`` so that the kernel choice and the padding check run
+    at call time, not at trace time; reading ``_active`` here makes dynamo guard on it,
+    so a compiled block recompiles rather than keep a stale backend.
     """
+    backend = _active
+    if backend == "default":
+        if _official_flash is not None:
+            return _official_flash(q, k, v, q_lens=q_lens, k_lens=k_lens, dropout_p=dropout_p,
+                                   softmax_scale=softmax_scale, q_scale=q_scale, causal=causal,
+                                   window_size=window_size, deterministic=deterministic, dtype=dtype,
+                                   version=version)
+        backend = "sdpa"
     out_dtype = q.dtype
-    b, lq, nq, _ = q.shape
-    lk, nk = k.size(1), k.size(2)
-    device = q.device
-    half_dtypes = (torch.float16, torch.bfloat16)
-    if device.type == "cuda":
+    if q.device.type == "cuda":
         def cast(x: torch.Tensor) -> torch.Tensor:
-            return x if x.dtype in half_dtypes else x.to(dtype)
+            return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)
         q, k, v = cast(q), cast(k), cast(v)
         compute = v.dtype
     else:
@@ -229,58 +248,55 @@ def sdpa_flash_attention(
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     if q_scale is not None:
         q = q * q_scale
-
-    def lens(x: torch.Tensor | None, full: int) -> torch.Tensor | None:
-        if x is None:
-            return None
-        x = torch.as_tensor(x).to(device=device, dtype=torch.long).reshape(-1)
-        return None if bool((x >= full).all()) else x.clamp(0, full)
-
-    ql, kl = lens(q_lens, lq), lens(k_lens, lk)
-    local = window_size is not None and tuple(window_size) != (-1, -1)
-
-    mask = None
-    if kl is not None or ql is not None or causal or local:
-        kpos = torch.arange(lk, device=device)
-        qpos = torch.arange(lq, device=device)
-        k_valid = kl if kl is not None else torch.full((b,), lk, device=device, dtype=torch.long)
-        q_valid = ql if ql is not None else torch.full((b,), lq, device=device, dtype=torch.long)
-        mask = kpos.view(1, 1, lk) < k_valid.view(b, 1, 1)  # [B, 1, Lk]
-        mask = mask.expand(b, lq, lk)
-        if causal or local:
-            # flash-attn aligns the diagonal bottom-right: query i sees key j when
-            # j <= i + (k_len - q_len) (causal), within [-left, +right] of it (window).
-            diag = qpos.view(1, lq, 1) + (k_valid - q_valid).view(b, 1, 1)
-            rel = kpos.view(1, 1, lk) - diag
-            left, right = (window_size if local else (-1, -1))
-            if causal:
-                right = 0
-            if right >= 0:
-                mask = mask & (rel <= right)
-            if left >= 0:
-                mask = mask & (rel >= -left)
-        mask = mask.unsqueeze(1)  # [B, 1, Lq, Lk]
-
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if nk != nq:
-        rep = nq // nk
-        kt = kt.repeat_interleave(rep, dim=1)
-        vt = vt.repeat_interleave(rep, dim=1)
-
-    if mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, scale=softmax_scale)
+    window = [-1, -1] if window_size is None else [int(w) for w in window_size]
+    if torch.compiler.is_compiling():
+        out = torch.ops.storystudio.wan_attention(q, k, v, q_lens, k_lens, backend, float(dropout_p),
+                                                  softmax_scale, bool(causal), window)
     else:
-        # A query row with no visible key would give NaN: let it see everything and
-        # zero it afterwards (flash-attn returns zeros there).
-        empty = ~mask.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
-        safe = mask | empty
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=safe, dropout_p=dropout_p, scale=softmax_scale)
-        out = out.masked_fill(empty, 0.0)
-    out = out.transpose(1, 2)  # [B, Lq, Nq, C2]
-    if ql is not None:
-        qmask = torch.arange(lq, device=device).view(1, lq) < ql.view(b, 1)
-        out = out * qmask.view(b, lq, 1, 1).to(out.dtype)
-    return out.contiguous().type(out_dtype)
+        out = attention.attention(backend, q, k, v, q_lens, k_lens, dropout_p=dropout_p,
+                                  softmax_scale=softmax_scale, causal=causal, window_size=tuple(window))
+    return out.type(out_dtype)
+
+
+@torch.library.custom_op("storystudio::wan_attention", mutates_args=())
+def _wan_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor | None,
+                      k_lens: torch.Tensor | None, backend: str, dropout_p: float, softmax_scale: float | None,
+                      causal: bool, window_size: list[int]) -> torch.Tensor:
+    """:func:`storystudio.models.attention.attention` as an op that compiled graphs call opaquely."""
+    return attention.attention(backend, q, k, v, q_lens, k_lens, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                               causal=causal, window_size=(window_size[0], window_size[1]))
+
+
+@_wan_attention_op.register_fake
+def _(q, k, v, q_lens, k_lens, backend, dropout_p, softmax_scale, causal, window_size):
+    return q.new_empty((q.size(0), q.size(1), q.size(2), v.size(-1)))
+
+
+def active_attention() -> str:
+    """The backend the shim uses right now (``default`` outside :func:`use_attention`)."""
+    return _active
+
+
+@contextlib.contextmanager
+def use_attention(backend: str) -> Iterator[None]:
+    """Run the official modules' attention on ``backend`` for the duration of the block.
+
+    Process state on purpose: the official modules look ``flash_attention`` up as a
+    module global, so the choice cannot be passed through their ``forward``. The engine
+    enters this around each generation (one at a time per GPU, under the ModelManager's
+    lock) and the previous value comes back on exit.
+    """
+    global _active
+    if backend not in attention.BACKENDS and backend != "default":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    import_wan()
+    with _lock:
+        previous, _active = _active, backend
+    try:
+        yield
+    finally:
+        with _lock:
+            _active = previous
 
 
 def make_wan21_vae(model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype = torch.float32):

@@ -1,0 +1,135 @@
+"""Regional ``torch.compile`` of the Wan DiT blocks, with the compile cache on the models volume.
+
+Why regional: the 40 ``WanS2VAttentionBlock``s are identical, so one compiled graph of
+``WanS2VAttentionBlock.forward`` serves all of them (dynamo treats each block's weights
+as graph inputs, not constants): compiling the block function once costs what compiling
+one block costs, instead of tracing the whole 14B model with its Python-level motion and
+audio plumbing. Inductor fuses what eager runs as separate passes (RMSNorm, the
+per-segment modulation, rope in float64, GELU, residual adds); matmuls and attention stay
+cuBLAS and the backend chosen by :mod:`storystudio.models.attention` (an opaque op).
+
+Static shapes (``dynamic=False``): each (resolution, clip length, first-or-later clip,
+CFG batch) is its own graph, compiled once and then read from the cache. The engine only
+compiles full-length clips (see ``WanS2VGenerator._clip_compiled``): a shortened last
+clip has one of twenty possible lengths, and a cold compile per length would cost more
+than it saves on one short clip.
+
+Weights: the ModelManager parks and restores a model by re-pointing ``param.data``. The
+compiled graph reads parameters as inputs on every call, so it sees the new storage; the
+guards check shape, stride, dtype and device only, so a restore (same metadata, new
+address) does not recompile. No CUDA graphs (``mode="reduce-overhead"``): they would
+bake the weights' addresses in.
+
+The cache: inductor's FX-graph/AOT caches (and the Triton kernels bundled with them)
+live under ``TORCHINDUCTOR_CACHE_DIR``; pointing it at ``<models>/.torch-compile-cache/
+<torch>-<gpu>/`` on the network volume lets a new worker load compiled kernels instead of
+recompiling (dynamo still traces, which takes seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+COMPILE_CACHE_DIRNAME = ".torch-compile-cache"  # inside the models folder (the network volume)
+RECOMPILE_LIMIT = 64  # graphs per code object: resolutions x first/later clip x CFG batch
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def cache_dir_for(root: Path, device: torch.device) -> Path:
+    """``<root>/<torch version>-<gpu name>``: compiled kernels are only valid for both."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return Path(root) / f"{_slug(torch.__version__)}-{_slug(name)}"
+
+
+def configure_cache(root: Path | None, device: torch.device) -> Path | None:
+    """Point inductor's cache at the models volume; returns the folder in use.
+
+    An operator's own ``TORCHINDUCTOR_CACHE_DIR`` wins. An unwritable volume keeps
+    inductor's default (a local temp folder) with a warning: compiling still works, a new
+    worker just compiles again.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if root is None:
+        return None
+    folder = cache_dir_for(root, device)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        log.warning("compile cache folder %s is not writable (%s); using inductor's default", folder, exc)
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    log.info("torch.compile cache: %s", folder)
+    return folder
+
+
+class _StaticInt:
+    """Stands in for the 0-d tensor ``e[1]`` that ``WanS2VAttentionBlock.forward`` reads with
+    ``.item()``: a tensor ``.item()`` is a graph break, this one is a constant to dynamo."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def item(self) -> int:
+        return self.value
+
+
+class BlockCompiler:
+    """One compiled ``forward`` shared by every block of ``blocks``, installed on demand.
+
+    :meth:`installed` sets each block's ``forward`` to the compiled function for the
+    duration of a ``with`` block and removes it afterwards, so the same loaded model runs
+    compiled or eager from one call to the next (the benchmark compares both in one
+    process; a shortened clip runs eager).
+    """
+
+    def __init__(self, blocks: nn.ModuleList, *, backend: str | Callable[..., Any] = "inductor") -> None:
+        if len(blocks) == 0:
+            raise ValueError("no blocks to compile")
+        self.blocks = blocks
+        self.backend = backend
+        fn = type(blocks[0]).forward
+        if any(type(b).forward is not fn for b in blocks):
+            raise ValueError("the blocks do not share one forward")
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        self._compiled = torch.compile(fn, dynamic=False, backend=backend)
+
+    def _entry(self, block: nn.Module) -> Callable[..., torch.Tensor]:
+        compiled = self._compiled
+
+        def forward(x: torch.Tensor, e: list[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+            return compiled(block, x, [e[0], _StaticInt(int(e[1]))], *args, **kwargs)
+
+        return forward
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        for block in self.blocks:
+            block.forward = self._entry(block)
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.__dict__.pop("forward", None)
