@@ -511,6 +511,16 @@ class ModelManager:
         try:
             for comp in comps:
                 read += self._load_component(comp)
+            if plan.after_load is not None:
+                self._sync()
+                plan.after_load(plan.engine)
+                owned = {id(s.tensor) for c in comps for s in c.layout.slots}
+                known = {c.name for c in comps}
+                for cname, module in plan.engine.components().items():
+                    if cname not in known:  # built from the loaded weights: adopted as part of the load
+                        comp = _Component(ms.name, cname, module, Layout(module, owned), None)
+                        self._load_component(comp)
+                        comps.append(comp)
         except BaseException:
             for comp in comps:
                 comp.release()

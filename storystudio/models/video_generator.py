@@ -363,9 +363,7 @@ class WanS2VGenerator:
         wan22.import_wan()
         try:
             config = read_json(root / CONFIG_FILE)
-            transformer = meta_transformer(config).eval().requires_grad_(False)
-            dit = bind(transformer, sharded_safetensors_sources(root, INDEX_FILE.split(".safetensors")[0]),
-                       what="WanModel_S2V", where=INDEX_FILE, dtype=dtype)
+            transformer, dit = plan_dit(root, dtype, config)
             t5_files = torch_file_sources(root / T5_FILE)
             t5 = meta_t5(t5_arch_from_state({k: tuple(v.shape) for k, v in t5_files.items()}))
             t5_src = bind(t5, t5_files, what="T5 encoder", where=T5_FILE, dtype=dtype)
@@ -916,6 +914,19 @@ class WanS2VGenerator:
 
 
 # --------------------------------------------------------------------- loaders
+
+
+def plan_dit(root: Path, dtype: torch.dtype, config: dict[str, Any] | None = None):
+    """``WanModel_S2V`` on ``meta`` and its shards' spans: ``(module, sources)``.
+
+    The engine's DiT, and a multi-GPU follower's (storystudio/distributed), which
+    holds the DiT alone.
+    """
+    config = read_json(root / CONFIG_FILE) if config is None else config
+    transformer = meta_transformer(config).eval().requires_grad_(False)
+    sources = bind(transformer, sharded_safetensors_sources(root, INDEX_FILE.split(".safetensors")[0]),
+                   what="WanModel_S2V", where=INDEX_FILE, dtype=dtype)
+    return transformer, sources
 
 
 def _t5_wrapper(root: Path, model: torch.nn.Module, text_len: int, device: torch.device, dtype: torch.dtype):

@@ -28,7 +28,7 @@ import json
 import math
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -95,6 +95,9 @@ class LoadPlan:
 
     engine: Any
     sources: dict[str, dict[str, TensorSource]] = field(default_factory=dict)
+    # Runs once the weights are on the device; components it adds to the engine are
+    # adopted by the manager as part of the load (the fast preset's FP8 copy).
+    after_load: Callable[[Any], None] | None = None
 
     def by_tensor(self) -> dict[int, TensorSource]:
         """The sources keyed by tensor identity (``id`` of the Parameter/buffer object).
