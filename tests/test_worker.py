@@ -165,11 +165,11 @@ def test_nothing_loads_at_start_and_prewarm_loads_and_warms_up_only_its_set(tiny
     original = WanS2VGenerator.generate
     monkeypatch.setattr(WanS2VGenerator, "generate", lambda self, req, progress=None: warmed.append(
         (req.image.size, req.max_area, req.infer_frames, req.steps, req.guidance)) or original(self, req, progress))
-    worker.settings = replace(worker.settings, prewarm=("video",), warmup_video=(64, 48, 8))
+    worker.settings = replace(worker.settings, prewarm=("video",), warmup_video=(64, 64, 8))
     with caplog.at_level("INFO"):
         worker.prewarm()
     assert worker.manager.is_loaded("video") and not worker.manager.is_loaded("image")
-    assert warmed == [((64, 48), 64 * 48, 8, 1, 1.0)], "one 1-step single-branch clip at the warm-up shape"
+    assert warmed == [((64, 64), 64 * 64, 8, 1, 1.0)], "one 1-step single-branch clip at the warm-up shape"
     assert set(worker.startup_seconds) >= {"locate_and_preflight", "load_video", "warmup_video"}
     assert any("pre-warmed model set video: loaded in" in r.getMessage() and "warmed up in" in r.getMessage()
                for r in caplog.records)
@@ -184,7 +184,7 @@ def test_prewarm_both_sets_in_order(tiny_models, tmp_path):
     with pytest.raises(Exception, match="STORYSTUDIO_PREWARM must be none, image, video or both"):
         WorkerSettings.from_env({"STORYSTUDIO_PREWARM": "audio"})
     worker = make_worker(tiny_models, tmp_path)
-    worker.settings = replace(worker.settings, prewarm=("image",), warmup_image=(64, 64))
+    worker.settings = replace(worker.settings, prewarm=("image",), warmup_image=(256, 256))
     worker.prewarm()
     assert worker.manager.is_loaded("image") and worker.startup_seconds["warmup_image"] > 0
 

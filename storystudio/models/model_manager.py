@@ -561,9 +561,11 @@ class ModelManager:
             for c in comps:
                 c.parks_to_host = c.sources is None
             logger.info(
-                "model set %s: every set and the largest job fit the VRAM budget, so no parking buffers "
-                "are made (a set pushed out by an out-of-memory retry is re-read from disk)",
+                "model set %s: %s, so no parking buffers are made (a set pushed out by an out-of-memory "
+                "retry is re-read from disk)",
                 ms.name,
+                "the budget is unlimited" if self.budget_bytes is None
+                else "every set and the largest planned job fit the VRAM budget",
             )
             return
         reading = self._host_memory()

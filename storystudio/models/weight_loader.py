@@ -177,8 +177,9 @@ def _plan_pieces(
         while chunks[ci][1] <= start:
             ci += 1
         pos, k = start, ci
+        step = max(item, block - block % item)  # pieces hold whole elements
         while pos < end:
-            stop = min(end, chunks[k][1], pos + block)
+            stop = min(end, chunks[k][1], pos + step)
             per_chunk[k].append(_Piece(slot, src, (pos - slot.offset) // item, (stop - slot.offset) // item))
             pos = stop
             if pos >= chunks[k][1]:
