@@ -477,8 +477,10 @@ def ensure_checkpoints(args) -> dict:
     import torch
 
     from storystudio.errors import CheckpointError
-    from storystudio.models.checkpoints.wan_s2v import validate_wan_s2v, write_wan_s2v_checkpoint
-    from storystudio.models.checkpoints.zimage import validate_zimage, write_zimage_checkpoint
+    from storystudio.models.checkpoints.wan_s2v import validate_wan_s2v
+    from storystudio.models.checkpoints.zimage import validate_zimage
+    from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint
+    from storystudio.synthetic.zimage import write_zimage_checkpoint
 
     out = {}
     gen_device = args.device
