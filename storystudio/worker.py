@@ -239,9 +239,10 @@ class Worker:
         """Load each set named by ``STORYSTUDIO_PREWARM`` and warm it up before the first job arrives.
 
         The warm-up is one tiny generation at the common shapes (a 1-step 1024² image; a
-        1-step, single-branch 480p clip): whatever only a first call pays — cuBLAS/cuDNN
+        1-step, guided 480p clip): whatever only a first call pays — cuBLAS/cuDNN
         handles and workspaces, lazily loaded kernels, the caching allocator's first
-        blocks — is paid here, timed and logged, not by the first job.
+        blocks, compiling the DiT blocks for that clip size (or loading them from the
+        compile cache) — is paid here, timed and logged, not by the first job.
         """
         for name in self.settings.prewarm:
             t0 = time.perf_counter()

@@ -67,19 +67,21 @@ def test_architecture_must_be_in_the_build(capability, archs, ok):
 
 
 def test_kernel_and_attention_checks_run_on_the_cpu_backend():
+    from storystudio.models.attention import CANDIDATES
+
     assert check_kernels(torch.device("cpu")) >= 0
-    assert attention_self_check(torch.device("cpu")) == "sdpa"
+    sel = attention_self_check(torch.device("cpu"), heads=2, head_dim=16)
+    assert sel.backend in CANDIDATES and any(c.ok and c.name == sel.backend for c in sel.checks)
 
 
-def test_a_wrong_attention_result_fails_the_check(monkeypatch):
-    import wan.modules.attention as att
+def test_no_correct_attention_kernel_refuses_the_worker(monkeypatch):
+    from storystudio.models import attention
 
-    from storystudio.patches import wan22
-
-    wan22.import_wan()
-    monkeypatch.setattr(att, "flash_attention", lambda q, k, v, **kw: torch.zeros_like(q))
-    with pytest.raises(PreflightError, match="gives wrong results"):
-        attention_self_check(torch.device("cpu"))
+    # Every candidate now disagrees with the reference, as on a GPU whose kernels are broken.
+    monkeypatch.setattr(attention, "reference_attention", lambda q, k, v, **kw: torch.zeros(q.shape, dtype=torch.float64))
+    with pytest.raises(PreflightError, match="no attention kernel passes its self-check on cpu: ") as ei:
+        attention_self_check(torch.device("cpu"), heads=2, head_dim=16)
+    assert "math: " in ei.value.message and ei.value.code == "preflight_failed"
 
 
 def settings_for(tiny_models, tmp_path, **kw) -> WorkerSettings:

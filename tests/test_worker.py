@@ -169,7 +169,7 @@ def test_nothing_loads_at_start_and_prewarm_loads_and_warms_up_only_its_set(tiny
     with caplog.at_level("INFO"):
         worker.prewarm()
     assert worker.manager.is_loaded("video") and not worker.manager.is_loaded("image")
-    assert warmed == [((64, 64), 64 * 64, 8, 1, 1.0)], "one 1-step single-branch clip at the warm-up shape"
+    assert warmed == [((64, 64), 64 * 64, 8, 1, 4.5)], "one 1-step clip at the warm-up shape, guided like a job"
     assert set(worker.startup_seconds) >= {"locate_and_preflight", "load_video", "warmup_video"}
     assert any("pre-warmed model set video: loaded in" in r.getMessage() and "warmed up in" in r.getMessage()
                for r in caplog.records)
