@@ -16,7 +16,10 @@ import runpod
 
 from storystudio.config import WorkerSettings
 from storystudio.distributed.launch import build_job_handler
+from storystudio.errors import PreflightError
 from storystudio.progress import runpod_sink
+
+log = logging.getLogger("storystudio.handler")
 
 
 def main() -> None:
@@ -24,7 +27,12 @@ def main() -> None:
         level=os.environ.get("STORYSTUDIO_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    worker = build_job_handler(WorkerSettings.from_env(), sink=runpod_sink())
+    try:
+        worker = build_job_handler(WorkerSettings.from_env(), sink=runpod_sink())
+    except PreflightError as exc:
+        # Exit before taking jobs: RunPod marks the worker unhealthy instead of failing every job on it.
+        log.critical("pre-flight failed, this worker will not start: %s", exc.message)
+        raise SystemExit(1) from None
     worker.prewarm()
     runpod.serverless.start({"handler": worker.handle})
 

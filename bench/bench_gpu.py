@@ -196,10 +196,9 @@ def main() -> None:
     real_budget = mgr.budget_bytes
     mgr.register("image", lambda d: z)
     mgr.register("video", lambda d: wan)
-    mgr.ensure("image")
-    mgr.ensure("video")
-    for name in ("image", "video"):
-        _, res[f"pin_{name}_s"] = clock.time(mgr.warm_host_buffers, name)
+    # Adopting a loaded engine copies it into pinned parking buffers: the pinning cost lands here, at load.
+    _, res["adopt_and_pin_image_s"] = clock.time(mgr.ensure, "image")
+    _, res["adopt_and_pin_video_s"] = clock.time(mgr.ensure, "video")
     vwork = video_working_bytes(args.video_area, args.infer_frames)
     iwork = image_working_bytes(size, size)
     wan_b, z_b = int(res["wan_weights_gib"] * GiB), int(res["z_weights_gib"] * GiB)

@@ -2,8 +2,10 @@
 
 No checkpoints, no engines: two sets of bf16 parameter blocks shaped like the real
 components (Wan: DiT 30.35 GiB, T5 10.58, VAE 0.47, wav2vec2 1.18; Z-Image: transformer
-11.46, text encoder 7.49, VAE 0.16), so the manager's own path is measured — including
-the first park of each component, which pins its host buffer (once per process).
+11.46, text encoder 7.49, VAE 0.16), so the manager's own path is measured. The
+synthetic engines hold real tensors, so the manager adopts them: their parking buffers
+are made and pinned while the sets load (the first ``ensure``), and round 1 swaps like
+the others.
 
 GPU only: ``python bench/bench_swap.py [--budget-gib 44] [--rounds 3]``.
 """

@@ -18,10 +18,10 @@ from storystudio.errors import InvalidInput
 from storystudio.inputs import InputLimits
 from storystudio.models.compile import COMPILE_CACHE_DIRNAME
 from storystudio.models.video_path import VideoPathOptions
+from storystudio.models.locate import DEFAULT_MODELS_DIR, ModelSearch
 from storystudio.storage import StorageSettings
 
-DEFAULT_MODELS_DIR = "/runpod-volume/models"
-Prewarm = Literal["none", "image", "video"]
+PrewarmSet = Literal["image", "video"]
 FastPreset = Literal["lazy", "preload"]  # when the FP8 copy of the DiT linears is built
 
 
@@ -45,20 +45,28 @@ def _default_device() -> str:
 class WorkerSettings:
     """Everything the worker process needs to start.
 
-    ``models_dir`` is the network volume (``/runpod-volume/models``); the two model
-    folders default to the official repository names inside it.
+    ``models_dir`` is the flat models folder (``/runpod-volume/models``); ``zimage_dir``
+    / ``wan_dir`` are explicit folders, which, when set, are the only place a model is
+    looked for. Otherwise :mod:`storystudio.models.locate` tries the flat folder, then
+    RunPod's cached models, then the Hugging Face cache (``model_search``).
+    ``prewarm`` lists the sets loaded and warmed up at start, in order; the warm-up
+    shapes are those of the most common jobs (a 1024² image, a 480p landscape clip).
     """
 
     models_dir: Path
-    zimage_dir: Path
-    wan_dir: Path
+    zimage_dir: Path | None
+    wan_dir: Path | None
     device: str
     vram_budget_gib: float | None
     vram_reserve_gib: float
-    prewarm: Prewarm
+    prewarm: tuple[PrewarmSet, ...]
     max_audio_seconds: float
     return_base64_max_kb: int
     fast_preset: FastPreset = "lazy"
+    host_headroom_gib: float = 8.0
+    model_search: ModelSearch = field(default_factory=ModelSearch)
+    warmup_image: tuple[int, int] = (1024, 1024)  # width, height
+    warmup_video: tuple[int, int, int] = (832, 480, 80)  # width, height, frames per clip
     inputs: InputLimits = field(default_factory=InputLimits)
     storage: StorageSettings | None = None
     video_path: VideoPathOptions = field(default_factory=VideoPathOptions)
@@ -68,10 +76,14 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         env = os.environ if env is None else env
         models = Path(env.get("STORYSTUDIO_MODELS_DIR") or DEFAULT_MODELS_DIR)
-        prewarm = (env.get("STORYSTUDIO_PREWARM") or "none").strip().lower()
-        if prewarm not in ("none", "image", "video"):
+        raw = (env.get("STORYSTUDIO_PREWARM") or "none").strip().lower()
+        prewarm = tuple(dict.fromkeys(p.strip() for p in raw.replace("both", "image,video").split(",") if p.strip()))
+        if prewarm == ("none",):
+            prewarm = ()
+        if not set(prewarm) <= {"image", "video"}:
             raise InvalidInput(
-                f"STORYSTUDIO_PREWARM must be none, image or video, not {prewarm!r}", code="invalid_config"
+                f"STORYSTUDIO_PREWARM must be none, image, video or both (image,video), not {raw!r}",
+                code="invalid_config",
             )
         fast_preset = (env.get("STORYSTUDIO_FAST_PRESET") or "lazy").strip().lower()
         if fast_preset not in ("lazy", "preload"):
@@ -79,12 +91,17 @@ class WorkerSettings:
                 f"STORYSTUDIO_FAST_PRESET must be lazy or preload, not {fast_preset!r}", code="invalid_config"
             )
         reserve = _float_or_none(env, "STORYSTUDIO_VRAM_HEADROOM_GB")
+        host_headroom = _float_or_none(env, "STORYSTUDIO_HOST_HEADROOM_GB")
+        explicit_z = (env.get("STORYSTUDIO_ZIMAGE_DIR") or "").strip()
+        explicit_w = (env.get("STORYSTUDIO_WAN_DIR") or "").strip()
         max_audio = _float_or_none(env, "STORYSTUDIO_MAX_AUDIO_SECONDS")
         b64 = _float_or_none(env, "STORYSTUDIO_RETURN_BASE64_MAX_KB")
         return cls(
             models_dir=models,
-            zimage_dir=Path(env.get("STORYSTUDIO_ZIMAGE_DIR") or models / "Z-Image-Turbo"),
-            wan_dir=Path(env.get("STORYSTUDIO_WAN_DIR") or models / "Wan2.2-S2V-14B"),
+            zimage_dir=Path(explicit_z) if explicit_z else None,
+            wan_dir=Path(explicit_w) if explicit_w else None,
+            model_search=ModelSearch.from_env(env),
+            host_headroom_gib=8.0 if host_headroom is None else host_headroom,
             device=(env.get("STORYSTUDIO_DEVICE") or "").strip() or _default_device(),
             vram_budget_gib=_float_or_none(env, "STORYSTUDIO_VRAM_BUDGET_GB"),
             vram_reserve_gib=1.5 if reserve is None else reserve,

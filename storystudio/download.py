@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storystudio.errors import CheckpointError
+from storystudio.models.locate import DEFAULT_MODELS_DIR
 
 log = logging.getLogger("storystudio.download")
-
-DEFAULT_MODELS_DIR = "/runpod-volume/models"  # same default as storystudio.config
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,13 @@ class StorageError(StoryStudioError):
     """Uploading or writing a result failed (``storage_failed``)."""
 
     code = "storage_failed"
+
+
+class PreflightError(StoryStudioError):
+    """This machine cannot serve jobs (``preflight_failed``): an unusable GPU, or one too small for Wan.
+
+    Raised at start-up by :mod:`storystudio.preflight`, never as a job result: the
+    process exits so that RunPod marks the worker unhealthy.
+    """
+
+    code = "preflight_failed"

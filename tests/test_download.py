@@ -278,13 +278,16 @@ def test_target_folders_follow_the_worker_env(tmp_path):
         {"STORYSTUDIO_MODELS_DIR": "/data/m", "STORYSTUDIO_ZIMAGE_DIR": "/z", "STORYSTUDIO_WAN_DIR": "/w"},
     ],
 )
-def test_target_folders_match_the_worker_settings(env):
-    from storystudio.config import DEFAULT_MODELS_DIR, WorkerSettings
+def test_target_folders_are_the_first_place_the_worker_looks(env):
+    from storystudio.config import WorkerSettings
+    from storystudio.models.locate import WAN, ZIMAGE, candidates
 
-    assert DEFAULT_MODELS_DIR == download.DEFAULT_MODELS_DIR
     settings = WorkerSettings.from_env({**env, "STORYSTUDIO_DEVICE": "cpu"})
-    assert download.target_dir(download.MODELS["zimage"], None, env) == settings.zimage_dir
-    assert download.target_dir(download.MODELS["wan"], None, env) == settings.wan_dir
+    for key, ref, explicit in (("zimage", ZIMAGE, settings.zimage_dir), ("wan", WAN, settings.wan_dir)):
+        first = candidates(ref, explicit, settings.model_search)[0]
+        assert first.kind == ("explicit" if explicit else "flat")
+        assert download.target_dir(download.MODELS[key], None, env) == first.path
+        assert download.MODELS[key].repo_id == ref.repo_id and download.MODELS[key].dir_env == ref.dir_env
 
 
 def test_validator_names_resolve_to_the_checkpoint_validators():

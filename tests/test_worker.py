@@ -154,20 +154,44 @@ def test_demo_main_job_writes_pngs_and_mp4s(tiny_models, tmp_path, monkeypatch, 
     assert '"scenes_ok": 2' in capsys.readouterr().out
 
 
-def test_nothing_loads_at_start_and_prewarm_loads_only_its_set(tiny_models, tmp_path, caplog):
+def test_nothing_loads_at_start_and_prewarm_loads_and_warms_up_only_its_set(tiny_models, tmp_path, caplog,
+                                                                          monkeypatch):
+    from storystudio.models.video_generator import WanS2VGenerator
+
     worker = make_worker(tiny_models, tmp_path)
     worker.prewarm()  # STORYSTUDIO_PREWARM unset: none
     assert not worker.manager.is_loaded("image") and not worker.manager.is_loaded("video")
-    worker.settings = replace(worker.settings, prewarm="video")
+    warmed: list[tuple] = []
+    original = WanS2VGenerator.generate
+    monkeypatch.setattr(WanS2VGenerator, "generate", lambda self, req, progress=None: warmed.append(
+        (req.image.size, req.max_area, req.infer_frames, req.steps, req.guidance)) or original(self, req, progress))
+    worker.settings = replace(worker.settings, prewarm=("video",), warmup_video=(64, 64, 8))
     with caplog.at_level("INFO"):
         worker.prewarm()
     assert worker.manager.is_loaded("video") and not worker.manager.is_loaded("image")
-    assert any("pre-warmed model set video" in r.message for r in caplog.records)
+    assert warmed == [((64, 64), 64 * 64, 8, 1, 4.5)], "one 1-step clip at the warm-up shape, guided like a job"
+    assert set(worker.startup_seconds) >= {"locate_and_preflight", "load_video", "warmup_video"}
+    assert any("pre-warmed model set video: loaded in" in r.getMessage() and "warmed up in" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_prewarm_both_sets_in_order(tiny_models, tmp_path):
+    from storystudio.config import WorkerSettings
+
+    assert WorkerSettings.from_env({"STORYSTUDIO_PREWARM": "both"}).prewarm == ("image", "video")
+    assert WorkerSettings.from_env({"STORYSTUDIO_PREWARM": "video,image"}).prewarm == ("video", "image")
+    assert WorkerSettings.from_env({"STORYSTUDIO_PREWARM": "none"}).prewarm == ()
+    with pytest.raises(Exception, match="STORYSTUDIO_PREWARM must be none, image, video or both"):
+        WorkerSettings.from_env({"STORYSTUDIO_PREWARM": "audio"})
+    worker = make_worker(tiny_models, tmp_path)
+    worker.settings = replace(worker.settings, prewarm=("image",), warmup_image=(256, 256))
+    worker.prewarm()
+    assert worker.manager.is_loaded("image") and worker.startup_seconds["warmup_image"] > 0
 
 
 def test_prewarm_with_a_broken_volume_leaves_the_worker_answering(tiny_models, tmp_path):
     worker = make_worker(tiny_models, tmp_path, wan_dir=tmp_path / "empty-volume")
-    worker.settings = replace(worker.settings, prewarm="video")
+    worker.settings = replace(worker.settings, prewarm=("video",))
     worker.prewarm()  # logs the checkpoint error, does not raise
     png = base64.b64encode(encode_png(Image.new("RGB", (64, 64), "white"))).decode()
     r = worker.handle({"id": "v", "input": {"task": "video", "image": png, "audio": data_uri("wav", 1.0), **VIDEO}})

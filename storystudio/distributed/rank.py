@@ -30,6 +30,8 @@ import torch
 from storystudio.config import WorkerSettings
 from storystudio.distributed.parallel_dit import Comm, Message, ParallelDiT, ParallelMode, follow
 from storystudio.errors import CheckpointError, StoryStudioError
+from storystudio.models.locate import WAN, locate
+from storystudio.models.weight_files import LoadPlan
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +68,30 @@ class DiTOnly:
         return {"transformer": self.transformer}
 
     @classmethod
-    def load(cls, wan_dir: Path, device: torch.device) -> DiTOnly:
-        from storystudio.models.checkpoints.common import read_json
-        from storystudio.models.checkpoints.wan_s2v import CONFIG_FILE, validate_wan_s2v
+    def plan(cls, wan_dir: Path, device: torch.device) -> LoadPlan:
+        """The DiT on ``meta`` and where its weights are: the ModelManager reads them (pin while loading)."""
+        from storystudio.models.checkpoints.wan_s2v import validate_wan_s2v
         from storystudio.models.engine import default_dtype
-        from storystudio.models.video_generator import _load_transformer
+        from storystudio.models.video_generator import plan_dit
         from storystudio.patches import wan22
 
         validate_wan_s2v(wan_dir)
         wan22.import_wan()
         try:
-            model = _load_transformer(wan_dir, read_json(wan_dir / CONFIG_FILE), device, default_dtype(device))
+            model, sources = plan_dit(wan_dir, default_dtype(device))
         except CheckpointError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"Wan2.2-S2V DiT at {wan_dir} could not be loaded: {type(exc).__name__}: {exc}",
                                   code="checkpoint_corrupt") from exc
-        return cls(model)
+        return LoadPlan(cls(model), {"transformer": sources})
+
+    @classmethod
+    def load(cls, wan_dir: Path, device: torch.device) -> DiTOnly:
+        """The DiT read onto ``device`` without a ModelManager (tests)."""
+        from storystudio.models.weight_loader import materialize
+
+        return materialize(cls.plan(wan_dir, device), device)  # type: ignore[return-value]
 
 
 def _setup_logging(spec: RankSpec) -> None:
@@ -162,7 +171,9 @@ def _follow(spec: RankSpec, comm: Comm, conn: Any, inbox: Any) -> None:
 
     settings = spec.settings
     manager = ModelManager(settings.device, budget_gib=settings.vram_budget_gib, reserve_gib=settings.vram_reserve_gib)
-    manager.register(DIT_SET, lambda device: DiTOnly.load(settings.wan_dir, device))
+    # Found at load time, so a missing model fails through the follower's error path below.
+    manager.register(DIT_SET, lambda device: DiTOnly.plan(locate(WAN, settings.wan_dir, settings.model_search).path,
+                                                          device))
     conn.send(("ready", spec.rank))
     parent = multiprocessing.parent_process()
     try:

@@ -26,7 +26,9 @@ from PIL import Image
 from storystudio import limits as L
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
-from storystudio.models.checkpoints.zimage import validate_zimage
+from storystudio.models.checkpoints.zimage import TEXT_ENCODER_KEY_PREFIX, validate_zimage
+from storystudio.models.weight_files import LoadPlan, bind, sharded_safetensors_sources
+from storystudio.models.weight_loader import materialize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,77 @@ class ZImageGenerator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def plan(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        validate: bool = True,
+    ) -> LoadPlan:
+        """The engine with its three weight components built on ``meta``, and where their bytes are.
+
+        The official classes are instantiated from their config files (no weights
+        allocated), the tokenizer and scheduler are loaded as usual, and the
+        safetensors of each component are described, not read: the ModelManager reads
+        them into its parking buffer and the GPU (:mod:`storystudio.models.weight_loader`).
+        ``validate=False`` skips the folder check when the caller has just run it
+        (:mod:`storystudio.models.locate`).
+        """
+        from accelerate import init_empty_weights
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+        from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+        root = Path(path)
+        if validate:
+            validate_zimage(root)
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
+        try:
+            with init_empty_weights():
+                transformer = ZImageTransformer2DModel.from_config(
+                    ZImageTransformer2DModel.load_config(root / "transformer")
+                )
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+                text_encoder = Qwen3Model._from_config(Qwen3Config.from_pretrained(root / "text_encoder"), dtype=dtype)
+            sources = {
+                "transformer": bind(
+                    transformer,
+                    sharded_safetensors_sources(root / "transformer", "diffusion_pytorch_model"),
+                    what="Z-Image transformer",
+                    where="transformer/",
+                    dtype=dtype,
+                ),
+                "text_encoder": bind(
+                    text_encoder,
+                    sharded_safetensors_sources(root / "text_encoder", "model", strip_prefix=TEXT_ENCODER_KEY_PREFIX),
+                    what="Z-Image text encoder",
+                    where="text_encoder/",
+                    dtype=dtype,
+                    ignore=("lm_head.weight",),  # Qwen3ForCausalLM's head, tied and unused by Qwen3Model
+                ),
+                "vae": bind(vae, sharded_safetensors_sources(root / "vae", "diffusion_pytorch_model"),
+                            what="Z-Image VAE", where="vae/", dtype=dtype),
+            }
+            pipe = ZImagePipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+                transformer=transformer,
+            )
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"Z-Image-Turbo checkpoint at {root} could not be loaded: {type(exc).__name__}: {exc}",
+                code="checkpoint_corrupt",
+            ) from exc
+        for module in (transformer, text_encoder, vae):
+            module.eval().requires_grad_(False)
+        return LoadPlan(cls(pipe, device=device, dtype=dtype, path=root), sources)
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
@@ -73,42 +146,21 @@ class ZImageGenerator:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ) -> ZImageGenerator:
-        """Validate the folder, then load the official components onto ``device``.
-
-        Each weight component is loaded explicitly with ``device_map`` set to the target
-        device on CUDA, so safetensors are read straight into GPU memory (no full host
-        copy), then handed to ``ZImagePipeline.from_pretrained`` which only loads the
-        tokenizer and scheduler itself.
-        """
-        from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
-        from transformers import Qwen3Model
-
-        root = Path(path)
-        validate_zimage(root)
+        """Validate the folder and load the weights onto ``device`` without a ModelManager (tests, tools)."""
         device = resolve_device(device)
-        dtype = dtype or default_dtype(device)
-        # A single-device map loads tensors directly on that device.
-        kw = {"device_map": str(device)} if device.type != "cpu" else {}
         t0 = time.perf_counter()
-        try:
-            transformer = ZImageTransformer2DModel.from_pretrained(root, subfolder="transformer", dtype=dtype, **kw)
-            text_encoder = Qwen3Model.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype, **kw)
-            pipe = ZImagePipeline.from_pretrained(
-                root, transformer=transformer, text_encoder=text_encoder, vae=vae, dtype=dtype
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"Z-Image-Turbo checkpoint at {root} could not be loaded: {type(exc).__name__}: {exc}",
-                code="checkpoint_corrupt",
-            ) from exc
-        for module in (transformer, text_encoder, vae):
-            _drop_accelerate_hooks(module)
-            module.eval().requires_grad_(False)
-            # Place anything left behind (e.g. non-persistent buffers) on the device.
-            _place(module, device)
-        log.info("Z-Image-Turbo loaded from %s on %s (%s) in %.1fs", root, device, dtype, time.perf_counter() - t0)
-        return cls(pipe, device=device, dtype=dtype, path=root)
+        engine = materialize(cls.plan(path, device=device, dtype=dtype), device)
+        log.info("Z-Image-Turbo loaded from %s on %s in %.1fs", path, device, time.perf_counter() - t0)
+        return engine  # type: ignore[return-value]
+
+    def warmup(self, width: int = 1024, height: int = 1024) -> float:
+        """One 1-step generation at ``width × height``; returns its seconds.
+
+        Run by the worker's pre-warm, so that what only the first call pays (cuBLAS and
+        cuDNN handles and workspaces, lazily loaded kernels, the caching allocator's
+        first blocks, the tokenizer's chat template) is paid before the first job.
+        """
+        return self.generate(ImageRequest(prompt="warm-up", width=width, height=height, steps=1, seed=0)).seconds
 
     # ------------------------------------------------------------------ contract
     def components(self) -> dict[str, torch.nn.Module]:
@@ -188,26 +240,3 @@ class ZImageGenerator:
         if image.size != (request.width, request.height):  # pragma: no cover - pipeline contract
             raise GenerationError(f"pipeline returned {image.size}, expected {(request.width, request.height)}")
         return ImageResult(image=image, seed=seed, width=request.width, height=request.height, seconds=seconds)
-
-
-def _drop_accelerate_hooks(module: torch.nn.Module) -> None:
-    """Remove accelerate dispatch hooks, if a loader attached any.
-
-    Hooks would keep their own idea of the execution device; the ModelManager moves
-    weights itself, so the modules must be plain.
-    """
-    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
-        return
-    from accelerate.hooks import remove_hook_from_module
-
-    remove_hook_from_module(module, recurse=True)
-
-
-def _place(module: torch.nn.Module, device: torch.device) -> None:
-    for sub in module.modules():
-        for name, buf in list(sub._buffers.items()):
-            if buf is not None and buf.device != device:
-                sub._buffers[name] = buf.to(device)
-        for p in sub._parameters.values():
-            if p is not None and p.device != device:
-                p.data = p.data.to(device)

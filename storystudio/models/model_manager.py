@@ -7,15 +7,20 @@ has to leave VRAM. The naive way, ``module.to("cpu")``, measured 39 s for the Wa
 DiT alone (pageable memory, one allocation per tensor); copying into a
 preallocated *pinned* host buffer measured 0.6 s. That is the whole idea here:
 
-* every component (an ``nn.Module`` the engine registers) gets one flat pinned
-  host buffer, allocated once; its parameters and buffers are views into that
-  buffer while parked and views into one flat device buffer while resident;
-* parking = one device→host copy per component, restoring = one host→device
-  copy; the modules themselves are never re-created, only ``tensor.data`` is
-  re-pointed, so engines keep working without knowing anything happened;
+* every component (an ``nn.Module`` the engine registers) has one flat device
+  buffer while resident and, where host memory allows, one flat page-locked host
+  buffer (its *parking buffer*) for the life of the process; its parameters and
+  buffers are views into one or the other;
+* restoring = one host→device copy per component. Parking copies nothing: the
+  parking buffer already holds the weights, because the weights were read into it
+  from the files (inference never writes to weights), so parking only re-points the
+  views and frees the device buffer;
 * only as many bytes as needed are parked (smallest sufficient component of the
-  least recently used set first), so on a 141 GB H200 nothing moves at all;
-* a set is read from disk once per process; parked sets never touch disk again;
+  least recently used set first), so on a 141 GB H200 nothing moves at all; with
+  ``exclusive=True`` (a card too small for both sets, see :mod:`storystudio.preflight`)
+  the other set is always parked whole;
+* a set is read from disk once per process, unless host memory could not hold its
+  parking buffers (below);
 * a job may leave some components of its own set *idle* (``run(..., idle=...)``):
   they are not restored for it and are the first to be parked when room is needed.
   The video engine uses this for its two copies of the DiT linears (bf16 for exact
@@ -23,9 +28,45 @@ preallocated *pinned* host buffer measured 0.6 s. That is the whole idea here:
   (:meth:`ModelManager.adopt_components`). A tensor listed by several components of
   a set belongs to the first that lists it.
 
-On CPU the same code runs with ordinary host memory and, by default, an
-unlimited budget, so the whole worker runs in tests; tests can set a budget to
-exercise parking for real.
+Load protocol (manager ↔ engine loaders)
+----------------------------------------
+``register(name, loader)``; ``loader(device)`` returns a
+:class:`~storystudio.models.weight_files.LoadPlan`: the engine with its weight
+components built on ``meta`` (architecture only) plus, per component, where each
+tensor's bytes are in the files. The manager then, per component:
+
+1. lays out one flat byte buffer from the module's tensor shapes and dtypes
+   (:class:`~storystudio.models.weight_loader.Layout`);
+2. decides where its parking copy lives (:meth:`ModelManager._plan_parking`): a host
+   buffer, or none — the component is then dropped when parked and re-read from the
+   files when it comes back;
+3. has the weight loader read the files straight into the host buffer in parallel,
+   page-locking each ~256 MiB chunk (``cudaHostRegister``) as soon as it is filled
+   and copying it to the device buffer while the next chunks are read — so pinning
+   happens while loading, never on a job's critical path (it used to cost ≈0.55 s
+   per GiB at a component's first park, 11.6 s on a fresh worker's first swap);
+   without a host buffer the files stream through a small pinned staging ring;
+4. points every parameter at its view of the device buffer.
+
+A loader may also return a ready engine (or leave a component out of the plan's
+sources): those real tensors are *adopted* — copied into a pinned parking buffer and
+one flat device buffer at load, through the same bookkeeping.
+
+Parking buffers and host memory
+-------------------------------
+Page-locked memory cannot be reclaimed, and a container that exceeds its memory
+limit is killed by the kernel. So before a set's buffers are made, the container's
+limit (cgroup v2/v1) and the host's ``MemAvailable`` are read
+(:mod:`storystudio.models.host_limits`), minus a headroom for the jobs themselves.
+Components whose parking buffers do not fit (the largest first) park by being
+dropped and are re-read from disk when needed; this is logged with the numbers.
+No parking buffers are made at all when the device budget holds every set plus the
+largest planned job (an H200): nothing would ever be parked, and pinning would only
+cost load time and RAM.
+
+On CPU the same code runs with ordinary host memory and, by default, an unlimited
+budget, so the whole worker runs in tests; tests can set a budget to exercise
+parking for real, and inject a host memory reading to exercise the disk fallback.
 """
 
 from __future__ import annotations
@@ -36,63 +77,61 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from storystudio.errors import GenerationError
+from storystudio.errors import CheckpointError, GenerationError
 from storystudio.models.engine import resolve_device
-from storystudio.models.host_memory import HostBuffer, plan_chunks
+from storystudio.models.host_limits import HostMemory, read_host_memory
+from storystudio.models.host_memory import HostBuffer
+from storystudio.models.weight_files import LoadPlan, TensorSource
+from storystudio.models.weight_loader import READ_THREADS, Layout, StagingRing, fill
 
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
-_ALIGN = 256  # byte alignment of every tensor inside a flat buffer (any dtype view is legal)
 _T = TypeVar("_T")
 
 
-@dataclass
-class _Slot:
-    """One weight tensor's place inside its component's flat buffers."""
+class ManagedEngine(Protocol):
+    """What an engine must expose to be managed: its weight-holding modules by name."""
 
-    tensor: torch.Tensor  # the Parameter or buffer object itself; its .data is re-pointed
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: torch.Size
+    def components(self) -> dict[str, nn.Module]: ...
 
 
 class _Component:
-    """One registered module: its tensors, where they live, and its two flat buffers."""
+    """One registered module: its layout, where its weights come from, and its two flat buffers."""
 
-    def __init__(self, set_name: str, name: str, module: nn.Module, device: torch.device,
-                 seen: set[int] | None = None) -> None:
+    def __init__(self, set_name: str, name: str, module: nn.Module, layout: Layout,
+                 sources: dict[str, TensorSource] | None) -> None:
         self.set_name = set_name
         self.name = name
         self.module = module
-        self.slots: list[_Slot] = []
-        # ``seen`` is shared by the components of one set: a tensor already owned by an
-        # earlier component (or tied within this one) is not laid out twice.
-        seen = set() if seen is None else seen
-        offset = 0
-        for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
-            if id(t) in seen:  # tied weights: one slot, both names follow it
-                continue
-            seen.add(id(t))
-            nbytes = t.numel() * t.element_size()
-            self.slots.append(_Slot(t, offset, nbytes, t.dtype, t.shape))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
-        self.nbytes = offset
-        self.host: HostBuffer | None = None  # flat host copy, kept for the life of the process
-        # Freshly loaded weights are scattered allocations; after the first restore they are
-        # views into one flat device buffer, and parking becomes a single copy.
+        self.layout = layout
+        self.sources = sources  # None: adopted (real tensors at load, no files to re-read)
+        self.host: HostBuffer | None = None  # parking buffer, kept for the life of the process
         self.device_flat: torch.Tensor | None = None
-        self.on_device = all(s.tensor.device == device for s in self.slots) if self.slots else True
+        self.on_device = False
+        self.parks_to_host = True  # decided at load by ModelManager._plan_parking
+        self.late = False  # adopted after its set was loaded: parking buffer made at the first park
 
     @property
     def key(self) -> str:
         return f"{self.set_name}.{self.name}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def release(self) -> None:
+        """Give back both buffers (a load that failed half-way)."""
+        if self.host is not None:
+            self.host.release()
+            self.host = None
+        self.device_flat = None
+        self.on_device = False
 
 
 @dataclass
@@ -100,6 +139,7 @@ class _ModelSet:
     name: str
     loader: Callable[[torch.device], Any]
     size_hint_bytes: int
+    max_working_bytes: int = 0
     engine: Any = None
     components: list[_Component] = field(default_factory=list)
     last_used: float = 0.0
@@ -122,6 +162,9 @@ class _ModelSet:
         """Every component its last job needed is on the device."""
         return all(c.on_device for c in self.components if c.name not in self.idle)
 
+    def weight_bytes(self) -> int:
+        return sum(c.nbytes for c in self.components) if self.loaded else self.size_hint_bytes
+
 
 @dataclass
 class ManagerStats:
@@ -137,6 +180,9 @@ class ManagerStats:
     parked_gib: float
     restored_gib: float
     oom_retries: int
+    pinned_gib: float = 0.0
+    parking: dict[str, list[str]] = field(default_factory=dict)  # "host" / "disk" -> component keys
+    exclusive: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +196,9 @@ class ManagerStats:
             "parked_gib": round(self.parked_gib, 3),
             "restored_gib": round(self.restored_gib, 3),
             "oom_retries": self.oom_retries,
+            "pinned_gib": round(self.pinned_gib, 3),
+            "parking": self.parking,
+            "exclusive": self.exclusive,
         }
 
 
@@ -184,10 +233,23 @@ class ModelManager:
         budget_gib: float | None = None,
         reserve_gib: float = 1.5,
         pin_memory: bool | None = None,
+        exclusive: bool = False,
+        host_headroom_gib: float = 8.0,
+        host_memory: Callable[[], HostMemory] = read_host_memory,
+        read_threads: int = READ_THREADS,
     ) -> None:
+        """``exclusive``: always park the other sets whole (cards that cannot hold both).
+        ``host_headroom_gib``: host RAM never given to parking buffers (the jobs' own
+        memory: decoded media, frames, encoders' outputs). ``host_memory`` reads the
+        host's and the container's memory (tests inject small limits)."""
         self.device = resolve_device(device)
         self.budget_bytes = device_budget_bytes(self.device, override_gib=budget_gib, reserve_gib=reserve_gib)
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
+        self.exclusive = exclusive
+        self.host_headroom_bytes = int(host_headroom_gib * GiB)
+        self._host_memory = host_memory
+        self.read_threads = read_threads
+        self._staging: StagingRing | None = None
         self._sets: dict[str, _ModelSet] = {}
         self._lock = threading.RLock()
         self._clock = 0.0
@@ -198,19 +260,32 @@ class ModelManager:
         self._oom_retries = 0
         self._move_seconds = 0.0  # time inside park/restore copies only (not cold loads)
         logger.info(
-            "ModelManager on %s, budget %s, pinned host buffers: %s",
+            "ModelManager on %s, budget %s, pinned host buffers: %s, %s",
             self.device,
             "unlimited" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB",
             self.pin_memory,
+            "always swapping whole sets" if exclusive else "parking the fewest bytes",
         )
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, loader: Callable[[torch.device], Any], *, size_hint_bytes: int = 0) -> None:
-        """Declare a model set. ``loader(device)`` builds the engine; it runs at most once."""
+    def register(
+        self,
+        name: str,
+        loader: Callable[[torch.device], Any],
+        *,
+        size_hint_bytes: int = 0,
+        max_working_bytes: int = 0,
+    ) -> None:
+        """Declare a model set. ``loader(device)`` returns a :class:`LoadPlan` (or a ready engine); it runs once.
+
+        ``size_hint_bytes``: its weights once loaded (room is made before the cold load).
+        ``max_working_bytes``: activations of the largest job planned for (decides
+        whether parking is expected at all, hence whether parking buffers are made).
+        """
         with self._lock:
             if name in self._sets:
                 raise ValueError(f"model set {name!r} is already registered")
-            self._sets[name] = _ModelSet(name, loader, size_hint_bytes)
+            self._sets[name] = _ModelSet(name, loader, size_hint_bytes, max_working_bytes)
 
     def is_loaded(self, name: str) -> bool:
         return self._get(name).loaded
@@ -238,6 +313,12 @@ class ModelManager:
             ms.idle = idle
             moved_before = (self._parked_bytes, self._restored_bytes)
             move_before = self._move_seconds
+            if self.exclusive:
+                for other in self._sets.values():
+                    if other is not ms:
+                        for comp in other.components:
+                            if comp.on_device:
+                                self._park(comp)
             self._make_room(ms, ms.missing_bytes(idle) + working_bytes)
             if not ms.loaded:
                 self._cold_load(ms)
@@ -307,6 +388,9 @@ class ModelManager:
         For weights an engine builds after loading (the video engine's FP8 copy of its
         linears). Existing components must stay as they are; a new one may only hold
         tensors no earlier component holds (shared ones stay with their first owner).
+        Such a component is built inside a job, so its parking buffer is made at its
+        first park and is not page-locked: pinning there would stall that job
+        (≈0.55 s per GiB); its parks and restores run at pageable-copy speed instead.
         Returns the names adopted.
         """
         with self._lock:
@@ -318,24 +402,20 @@ class ModelManager:
             for cname, comp in known.items():
                 if current.get(cname) is not comp.module:
                     raise RuntimeError(f"component {name}.{cname} was removed or replaced after loading")
-            seen = {id(s.tensor) for c in ms.components for s in c.slots}
+            seen = {id(s.tensor) for c in ms.components for s in c.layout.slots}
             added = []
             for cname, module in current.items():
                 if cname in known:
                     continue
-                comp = _Component(name, cname, module, self.device, seen)
+                comp = _Component(name, cname, module, Layout(module, seen), None)
+                comp.late = True
+                comp.on_device = all(s.tensor.device == self.device for s in comp.layout.slots)
                 ms.components.append(comp)
                 if not comp.on_device:
                     self._restore(comp)
                 added.append(cname)
                 logger.info("adopted component %s: %.2f GiB", comp.key, comp.nbytes / GiB)
             return added
-
-    def warm_host_buffers(self, name: str) -> None:
-        """Allocate and pin a set's host buffers now rather than at its first park (benchmarks)."""
-        with self._lock:
-            for comp in self._get(name).components:
-                self._host_buffer(comp)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> ManagerStats:
@@ -357,6 +437,13 @@ class ModelManager:
                 parked_gib=self._parked_bytes / GiB,
                 restored_gib=self._restored_bytes / GiB,
                 oom_retries=self._oom_retries,
+                pinned_gib=sum(c.host.pinned_bytes for ms in self._sets.values() for c in ms.components if c.host)
+                / GiB,
+                parking={
+                    "host": [c.key for ms in self._sets.values() for c in ms.components if c.parks_to_host],
+                    "disk": [c.key for ms in self._sets.values() for c in ms.components if not c.parks_to_host],
+                },
+                exclusive=self.exclusive,
             )
 
     def component_residency(self) -> dict[str, bool]:
@@ -408,91 +495,210 @@ class ModelManager:
     def _cold_load(self, ms: _ModelSet) -> None:
         logger.info("loading model set %s from disk onto %s", ms.name, self.device)
         t0 = time.perf_counter()
-        engine = ms.loader(self.device)
+        result = ms.loader(self.device)
+        plan = result if isinstance(result, LoadPlan) else LoadPlan(result)
+        # Sources go by tensor, not by name: an engine may group the same tensors into
+        # components other than the modules it named them in (the video engine's linears).
+        by_tensor = plan.by_tensor()
+        seen: set[int] = set()
+        comps = []
+        for cname, module in plan.engine.components().items():
+            layout = Layout(module, seen)
+            sources = {s.name: by_tensor[id(s.tensor)] for s in layout.slots if id(s.tensor) in by_tensor}
+            comps.append(_Component(ms.name, cname, module, layout, sources or None))
+        self._plan_parking(ms, comps)
+        read = 0
+        try:
+            for comp in comps:
+                read += self._load_component(comp)
+            if plan.after_load is not None:
+                self._sync()
+                plan.after_load(plan.engine)
+                owned = {id(s.tensor) for c in comps for s in c.layout.slots}
+                known = {c.name for c in comps}
+                for cname, module in plan.engine.components().items():
+                    if cname not in known:  # built from the loaded weights: adopted as part of the load
+                        comp = _Component(ms.name, cname, module, Layout(module, owned), None)
+                        self._load_component(comp)
+                        comps.append(comp)
+        except BaseException:
+            for comp in comps:
+                comp.release()
+            self._free_cuda_cache()
+            raise
         self._sync()
         ms.load_seconds = time.perf_counter() - t0
-        ms.engine = engine
-        seen: set[int] = set()
-        ms.components = [_Component(ms.name, n, m, self.device, seen) for n, m in engine.components().items()]
-        off = [c.key for c in ms.components if not c.on_device]
-        if off:
-            # The engine left something on the host (e.g. loaded on CPU first): bring it over
-            # through the same path so it ends in a flat device buffer.
-            for comp in ms.components:
-                if not comp.on_device:
-                    self._restore(comp)
-        gib = sum(c.nbytes for c in ms.components) / GiB
-        logger.info("loaded model set %s: %.2f GiB of weights in %.2f s", ms.name, gib, ms.load_seconds)
+        ms.engine = plan.engine
+        ms.components = comps
+        gib = sum(c.nbytes for c in comps) / GiB
+        logger.info(
+            "loaded model set %s: %.2f GiB of weights in %.2f s (%.2f GB read from files, %.2f GiB pinned)",
+            ms.name,
+            gib,
+            ms.load_seconds,
+            read / 1e9,
+            sum(c.host.pinned_bytes for c in comps if c.host) / GiB,
+        )
 
-    def _new_host_buffer(self, comp: _Component) -> HostBuffer:
-        ranges = [(s.offset, s.offset + s.nbytes) for s in comp.slots]
-        return HostBuffer(comp.key, comp.nbytes, plan_chunks(ranges, comp.nbytes))
+    def _parking_expected(self, loading: _ModelSet, loading_bytes: int) -> bool:
+        """Whether any set may have to leave VRAM: every set's weights plus the largest job exceed the budget."""
+        if self.budget_bytes is None:
+            return False
+        weights = sum(loading_bytes if ms is loading else ms.weight_bytes() for ms in self._sets.values())
+        working = max((ms.max_working_bytes for ms in self._sets.values()), default=0)
+        return self.exclusive or weights + working > self.budget_bytes
 
-    def _host_buffer(self, comp: _Component) -> HostBuffer:
-        """The component's host buffer, made (and page-locked) the first time it is needed.
+    def _plan_parking(self, ms: _ModelSet, comps: list[_Component]) -> None:
+        """Decide, per component of a set being loaded, whether it gets a parking buffer in host RAM.
 
-        Pinning costs ~0.55 s per GiB once per process (30 GiB DiT: 16 s on the H100
-        host) and stalls the GPU while it runs, measured both as one cudaHostAlloc and
-        as chunked cudaHostRegister done in the background during a job (the first video
-        took 38.6 s instead of 17 s). So nothing is pinned ahead of time: only a
-        component that actually gets parked pays, once, at its first park — on an H100
-        serving 480p, or on an H200, nothing is ever parked and nothing is pinned.
+        Adopted components always do (there is no file to re-read them from). The
+        others do when parking is expected at all and the buffer fits the host's and
+        the container's free memory minus the headroom, smallest first: what does not
+        fit (the largest components) is dropped when parked and re-read from disk.
         """
-        if comp.host is None:
-            comp.host = self._new_host_buffer(comp)
-            if self.pin_memory:
-                comp.host.pin()
-        return comp.host
+        total = sum(c.nbytes for c in comps)
+        if not self._parking_expected(ms, total):
+            for c in comps:
+                c.parks_to_host = c.sources is None
+            logger.info(
+                "model set %s: %s, so no parking buffers are made (a set pushed out by an out-of-memory "
+                "retry is re-read from disk)",
+                ms.name,
+                "the budget is unlimited" if self.budget_bytes is None
+                else "every set and the largest planned job fit the VRAM budget",
+            )
+            return
+        reading = self._host_memory()
+        available = reading.available()
+        room = None if available is None else available - self.host_headroom_bytes
+        for c in sorted(comps, key=lambda c: (c.sources is not None, c.nbytes)):
+            fits = c.sources is None or room is None or c.nbytes <= room
+            c.parks_to_host = fits
+            if fits and room is not None:
+                room -= c.nbytes
+        dropped = [c for c in comps if not c.parks_to_host]
+        if dropped:
+            logger.warning(
+                "host memory (%s, headroom %.1f GiB) cannot hold parking buffers for all of model set %s "
+                "(%.2f GiB): %s (%.2f GiB) will be dropped when parked and re-read from disk when needed",
+                reading.describe(),
+                self.host_headroom_bytes / GiB,
+                ms.name,
+                total / GiB,
+                ", ".join(c.key for c in dropped),
+                sum(c.nbytes for c in dropped) / GiB,
+            )
 
-    @staticmethod
-    def _view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
-        raw = flat[slot.offset : slot.offset + slot.nbytes]
-        if slot.nbytes == 0:
-            return torch.empty(slot.shape, dtype=slot.dtype, device=flat.device)
-        return raw.view(slot.dtype).view(slot.shape)
+    def _load_component(self, comp: _Component) -> int:
+        """Bring one component's weights onto the device (and into its parking buffer); returns file bytes read."""
+        flat = self._alloc_device(comp.nbytes)
+        read = 0
+        if comp.sources is not None:
+            try:
+                comp.sources = comp.layout.complete(comp.sources)
+                if comp.parks_to_host:
+                    comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+                    stats = fill(comp.layout, comp.sources, flat, host=comp.host, pin=self.pin_memory,
+                                 threads=self.read_threads)
+                else:
+                    stats = fill(comp.layout, comp.sources, flat, ring=self._ring(), threads=self.read_threads)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{comp.key}: weights could not be read: {type(exc).__name__}: {exc}", code="checkpoint_corrupt"
+                ) from exc
+            read = stats.file_bytes
+            logger.info("read %s: %.2f GB in %.2f s (%.2f GB/s)", comp.key, stats.file_bytes / 1e9, stats.seconds,
+                        stats.gbps)
+        else:
+            if any(s.tensor.is_meta for s in comp.layout.slots):
+                raise ValueError(f"{comp.key} has meta tensors but the loader gave no sources for them")
+            target = flat
+            if comp.parks_to_host:
+                comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+                if self.pin_memory:
+                    comp.host.pin()  # before the copies: device→host at full speed
+                target = comp.host.tensor
+            for slot in comp.layout.slots:
+                if slot.nbytes:
+                    Layout.view(target, slot).copy_(slot.tensor.data, non_blocking=True)
+            self._sync()
+            if comp.host is not None:
+                comp.host.copy_to(flat)
+        self._sync()
+        comp.layout.point(flat)
+        comp.device_flat = flat
+        comp.on_device = True
+        return read
+
+    def _ring(self) -> StagingRing | None:
+        """The staging slots for components without a parking buffer (none needed on CPU)."""
+        if self.device.type == "cpu":
+            return None
+        if self._staging is None:
+            self._staging = StagingRing(pin=self.pin_memory)
+        return self._staging
+
+    def _alloc_device(self, nbytes: int) -> torch.Tensor:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            self._free_cuda_cache()
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def _park(self, comp: _Component) -> None:
+        """Free the component's VRAM. Its parking buffer already holds the weights (read-only during inference),
+        so nothing is copied; without one, the weights are dropped and re-read from disk on restore."""
         t0 = time.perf_counter()
-        host = self._host_buffer(comp)
-        if comp.device_flat is not None:
-            host.copy_from(comp.device_flat)
-        else:
-            for slot in comp.slots:
+        if comp.host is None and comp.late:
+            # Built during a job: its parking buffer is made now, pageable (see adopt_components).
+            comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+            for slot in comp.layout.slots:
                 if slot.nbytes:
-                    self._view(host.tensor, slot).copy_(slot.tensor.data, non_blocking=True)
-        self._sync()  # the copies must land before the device memory can be reused
-        for slot in comp.slots:
-            slot.tensor.data = self._view(host.tensor, slot)
+                    Layout.view(comp.host.tensor, slot).copy_(slot.tensor.data, non_blocking=True)
+            self._sync()
+        if comp.host is not None:
+            comp.layout.point(comp.host.tensor)
+            how = "kept in its host buffer"
+        elif comp.sources is not None:
+            comp.layout.drop()
+            how = "dropped, to be re-read from disk"
+        else:  # pragma: no cover - adopted components always get a parking buffer
+            raise RuntimeError(f"{comp.key} has neither a parking buffer nor files to re-read")
         comp.device_flat = None
         comp.on_device = False
         self._parked_bytes += comp.nbytes
         dt = time.perf_counter() - t0
         self._move_seconds += dt
-        logger.info("parked %s: %.2f GiB in %.3f s", comp.key, comp.nbytes / GiB, dt)
+        logger.info("parked %s: %.2f GiB %s, %.3f s", comp.key, comp.nbytes / GiB, how, dt)
 
     def _restore(self, comp: _Component) -> None:
         t0 = time.perf_counter()
-        fresh = comp.host is None  # weights that never lived on the device (engine loaded them on the host)
-        host = self._host_buffer(comp)
-        if fresh:
-            for slot in comp.slots:
+        flat = self._alloc_device(comp.nbytes)
+        if comp.host is None and comp.late:  # built off the device: copied over once
+            for slot in comp.layout.slots:
                 if slot.nbytes:
-                    self._view(host.tensor, slot).copy_(slot.tensor.data)
-        try:
-            flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
-        except torch.OutOfMemoryError:
-            self._free_cuda_cache()
-            flat = torch.empty(comp.nbytes, dtype=torch.uint8, device=self.device)
-        host.copy_to(flat)
-        for slot in comp.slots:
-            slot.tensor.data = self._view(flat, slot)
+                    Layout.view(flat, slot).copy_(slot.tensor.data, non_blocking=True)
+            how = "adopted"
+        elif comp.host is not None:
+            comp.host.copy_to(flat)
+            how = "from its host buffer"
+        else:
+            assert comp.sources is not None
+            try:
+                fill(comp.layout, comp.sources, flat, ring=self._ring(), threads=self.read_threads)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{comp.key}: weights could not be re-read: {type(exc).__name__}: {exc}", code="checkpoint_corrupt"
+                ) from exc
+            how = "re-read from disk"
+        self._sync()  # honest timings; the next kernel would wait for the copy anyway
+        comp.layout.point(flat)
         comp.device_flat = flat
         comp.on_device = True
         self._restored_bytes += comp.nbytes
-        self._sync()  # honest timings; the next kernel would wait for the copy anyway
         dt = time.perf_counter() - t0
         self._move_seconds += dt
-        logger.info("restored %s: %.2f GiB in %.3f s", comp.key, comp.nbytes / GiB, dt)
+        logger.info("restored %s: %.2f GiB %s in %.3f s", comp.key, comp.nbytes / GiB, how, dt)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -61,7 +61,6 @@ from storystudio.models.checkpoints.wan_s2v import (
     TOKENIZER_DIR,
     VAE_FILE,
     WAV2VEC_DIR,
-    load_torch_state,
     meta_t5,
     meta_transformer,
     meta_vae,
@@ -70,6 +69,8 @@ from storystudio.models.checkpoints.wan_s2v import (
     vae_dim_from_state,
 )
 from storystudio.models import fp8, speed
+from storystudio.models.weight_files import LoadPlan, bind, sharded_safetensors_sources, torch_file_sources
+from storystudio.models.weight_loader import materialize
 from storystudio.patches import wan22
 
 log = logging.getLogger(__name__)
@@ -338,32 +339,40 @@ class WanS2VGenerator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, options: VideoPathOptions | None = None,
-                        **engine_kwargs: Any) -> WanS2VGenerator:
-        """Validate the folder, then build the official components on ``device``.
+    def plan(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             validate: bool = True, options: VideoPathOptions | None = None,
+             attention: AttentionSelection | None = None, **engine_kwargs: Any) -> LoadPlan:
+        """The engine with its official components built on ``meta``, and where their weights are.
 
-        DiT: ``WanModel_S2V`` from config.json on ``meta``, each safetensors shard read
-        straight onto ``device`` and assigned (no host copy of the model). T5 and VAE:
-        architecture inferred from the state-dict shapes (one loader for tiny and full),
-        memory-mapped ``.pth`` copied tensor by tensor to ``device``. The VAE stays
-        float32 (official); dtype default: bf16 on CUDA, float32 on CPU. Then the
-        attention self-check runs once on the device (:meth:`select_attention`).
-        ``engine_kwargs`` go to the constructor (compile cache folder, memory limits).
+        DiT: ``WanModel_S2V`` from config.json, its safetensors shards described. T5 and
+        VAE: architecture inferred from the state-dict shapes (one loader for tiny and
+        full), their ``.pth`` members described as file spans. The VAE stays float32
+        (official); dtype default: bf16 on CUDA, float32 on CPU. The small wav2vec2
+        encoder is loaded by transformers as before (its checkpoint names need
+        transformers' renaming) and adopted by the ModelManager as it is.
+        ``validate=False`` skips the folder check when the caller has just run it. The
+        attention self-check (:meth:`select_attention`) runs here, unless ``attention``
+        brings the start-up pre-flight's result. ``engine_kwargs`` go to the constructor
+        (compile cache folder, memory limits).
         """
         root = Path(path)
-        validate_wan_s2v(root)
+        if validate:
+            validate_wan_s2v(root)
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         wan22.import_wan()
-        t0 = time.perf_counter()
         try:
             config = read_json(root / CONFIG_FILE)
-            transformer = _load_transformer(root, config, device, dtype)
-            t1 = time.perf_counter()
-            text_encoder = _load_t5(root, int(config.get("text_len", 512)), device, dtype)
-            t2 = time.perf_counter()
-            vae = _load_vae(root, device)
+            transformer, dit = plan_dit(root, dtype, config)
+            t5_files = torch_file_sources(root / T5_FILE)
+            t5 = meta_t5(t5_arch_from_state({k: tuple(v.shape) for k, v in t5_files.items()}))
+            t5_src = bind(t5, t5_files, what="T5 encoder", where=T5_FILE, dtype=dtype)
+            text_encoder = _t5_wrapper(root, t5.eval().requires_grad_(False), int(config.get("text_len", 512)),
+                                       device, dtype)
+            vae_files = torch_file_sources(root / VAE_FILE)
+            vae_model = meta_vae(vae_dim_from_state({k: tuple(v.shape) for k, v in vae_files.items()}))
+            vae_src = bind(vae_model, vae_files, what="Wan2.1 VAE", where=VAE_FILE, dtype=torch.float32)
+            vae = wan22.make_wan21_vae(vae_model, device=device, dtype=torch.float32)
             audio_encoder = _load_audio_encoder(root, device)
         except CheckpointError:
             raise
@@ -372,12 +381,24 @@ class WanS2VGenerator:
                 f"Wan2.2-S2V checkpoint at {root} could not be loaded: {type(exc).__name__}: {exc}",
                 code="checkpoint_corrupt",
             ) from exc
-        log.info("Wan2.2-S2V loaded from %s on %s (%s) in %.1fs (DiT %.1fs, T5 %.1fs)", root, device, dtype,
-                 time.perf_counter() - t0, t1 - t0, t2 - t1)
         engine = cls(transformer=transformer, text_encoder=text_encoder, vae=vae, audio_encoder=audio_encoder,
                      config=config, device=device, dtype=dtype, path=root, options=options, **engine_kwargs)
-        engine.select_attention()
-        return engine
+        if attention is not None and attention.device == str(device):
+            engine.attention = attention
+        else:
+            engine.select_attention()
+        return LoadPlan(engine, {"transformer": dit, "text_encoder": t5_src, "vae": vae_src})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, options: VideoPathOptions | None = None,
+                        **engine_kwargs: Any) -> WanS2VGenerator:
+        """Validate the folder and load the weights onto ``device`` without a ModelManager (tests, tools)."""
+        device = resolve_device(device)
+        t0 = time.perf_counter()
+        engine = materialize(cls.plan(path, device=device, dtype=dtype, options=options, **engine_kwargs), device)
+        log.info("Wan2.2-S2V loaded from %s on %s in %.1fs", path, device, time.perf_counter() - t0)
+        return engine  # type: ignore[return-value]
 
     def select_attention(self, requested: str | None = None) -> AttentionSelection:
         """Run the attention self-check on this device for the DiT's head size; keep and return it.
@@ -391,6 +412,26 @@ class WanS2VGenerator:
         self.attention = select_backend(device=self.device, dtype=self.dtype, heads=heads, head_dim=head_dim,
                                         requested=requested)
         return self.attention
+
+    def warmup(self, *, width: int = 832, height: int = 480, infer_frames: int = 80) -> float:
+        """One 1-step clip of ``infer_frames`` at ``width × height``, guided as a default job; returns its seconds.
+
+        Run by the worker's pre-warm so the first real video does not pay for first
+        calls (cuBLAS/cuDNN handles and workspaces, lazily loaded attention and
+        convolution kernels, the allocator's first blocks, wav2vec2 and T5 first
+        passes). The reference image is ``width × height`` and the area its product, so the
+        official size rule picks the shape a 480p job with a reference of that size gets
+        (an 832×480 reference gives 448×832 frames); the audio fills exactly one clip. The
+        default guidance runs both CFG branches the way a real job does (batched where
+        memory allows), so the compiled DiT blocks and the kernels see a job's shapes.
+        """
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        seconds = (infer_frames - (3 if self.drop_first_motion else 0)) / FPS
+        t = np.linspace(0, seconds, int(seconds * SAMPLE_RATE), endpoint=False, dtype=np.float32)
+        audio = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        req = VideoRequest(image=image, audio=audio, prompt="warm-up", max_area=width * height,
+                           infer_frames=infer_frames, steps=1, guidance=L.VIDEO_GUIDANCE_DEFAULT, seed=0)
+        return self.generate(req).seconds
 
     # ------------------------------------------------------------------ contract
     def components(self) -> dict[str, torch.nn.Module]:
@@ -879,50 +920,28 @@ class WanS2VGenerator:
 # --------------------------------------------------------------------- loaders
 
 
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, rel: str) -> None:
-    result = module.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{what}: unexpected tensors in {rel}: {result.unexpected_keys[:3]}",
-                              code="checkpoint_mismatch")
+def plan_dit(root: Path, dtype: torch.dtype, config: dict[str, Any] | None = None):
+    """``WanModel_S2V`` on ``meta`` and its shards' spans: ``(module, sources)``.
+
+    The engine's DiT, and a multi-GPU follower's (storystudio/distributed), which
+    holds the DiT alone.
+    """
+    config = read_json(root / CONFIG_FILE) if config is None else config
+    transformer = meta_transformer(config).eval().requires_grad_(False)
+    sources = bind(transformer, sharded_safetensors_sources(root, INDEX_FILE.split(".safetensors")[0]),
+                   what="WanModel_S2V", where=INDEX_FILE, dtype=dtype)
+    return transformer, sources
 
 
-def _check_loaded(module: torch.nn.Module, what: str, rel: str) -> None:
-    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
-    if left:
-        raise CheckpointError(f"{what}: {len(left)} weights missing from {rel} (e.g. {left[0]})",
-                              code="checkpoint_mismatch")
+def _t5_wrapper(root: Path, model: torch.nn.Module, text_len: int, device: torch.device, dtype: torch.dtype):
+    """The official ``T5EncoderModel`` around an already-built encoder module.
 
-
-def _load_transformer(root: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    from safetensors import safe_open
-
-    model = meta_transformer(config)
-    index = read_json(root / INDEX_FILE)
-    for shard in sorted(set(index["weight_map"].values())):
-        state = {}
-        with safe_open(str(root / shard), framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                state[k] = f.get_tensor(k).to(dtype)
-        _assign(model, state, "WanModel_S2V", shard)
-        del state
-    _check_loaded(model, "WanModel_S2V", INDEX_FILE)
-    return model.eval().requires_grad_(False)
-
-
-def _load_t5(root: Path, text_len: int, device: torch.device, dtype: torch.dtype):
+    Its ``__init__`` hard-codes umt5-xxl sizes and loads the ``.pth`` itself, so the
+    wrapper is assembled around the module instead (its ``__call__`` is the official one).
+    """
     from wan.modules.t5 import T5EncoderModel
     from wan.modules.tokenizers import HuggingfaceTokenizer
 
-    sd = load_torch_state(root / T5_FILE)
-    arch = t5_arch_from_state({k: tuple(v.shape) for k, v in sd.items()})
-    model = meta_t5(arch)
-    # copy=True: never keep a CPU weight backed by the memory-mapped file.
-    _assign(model, {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}, "T5 encoder", T5_FILE)
-    del sd
-    _check_loaded(model, "T5 encoder", T5_FILE)
-    model.eval().requires_grad_(False)
-    # The official T5EncoderModel hard-codes umt5-xxl sizes in __init__; the wrapper is
-    # built around the loaded module instead (its __call__ is the official one).
     enc = T5EncoderModel.__new__(T5EncoderModel)
     enc.text_len = text_len
     enc.dtype = dtype
@@ -932,16 +951,6 @@ def _load_t5(root: Path, text_len: int, device: torch.device, dtype: torch.dtype
     enc.model = model
     enc.tokenizer = HuggingfaceTokenizer(name=str(root / TOKENIZER_DIR), seq_len=text_len, clean="whitespace")
     return enc
-
-
-def _load_vae(root: Path, device: torch.device):
-    sd = load_torch_state(root / VAE_FILE)
-    model = meta_vae(vae_dim_from_state({k: tuple(v.shape) for k, v in sd.items()}))
-    _assign(model, {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in sd.items()}, "Wan2.1 VAE",
-            VAE_FILE)
-    del sd
-    _check_loaded(model, "Wan2.1 VAE", VAE_FILE)
-    return wan22.make_wan21_vae(model, device=device, dtype=torch.float32)
 
 
 def _load_audio_encoder(root: Path, device: torch.device):

@@ -300,18 +300,23 @@ def use_attention(backend: str) -> Iterator[None]:
 
 
 def make_wan21_vae(model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype = torch.float32):
-    """The official ``Wan2_1_VAE`` wrapper around an already-loaded ``WanVAE_``.
+    """The official ``Wan2_1_VAE`` wrapper around a ``WanVAE_`` built elsewhere (possibly on ``meta``).
 
-    ``Wan2_1_VAE.__init__`` hard-codes the width (``dim=96``) and loads the ``.pth``
-    itself; here its ``_video_vae`` factory is swapped for the duration of the call so
-    the official wrapper (latent mean/std, encode/decode) is kept for any width.
+    ``Wan2_1_VAE.__init__`` hard-codes the width (``dim=96``), loads the ``.pth``
+    itself and moves the module with ``.to(device)``. Here its ``_video_vae`` factory
+    is swapped, for the duration of the call, for an empty placeholder, and the given
+    module is put in its place afterwards: the official wrapper (latent mean/std on
+    ``device``, encode/decode) is kept for any width, and the module's weights stay
+    where the loader puts them (the ModelManager reads them in later).
     """
     import_wan()
     vae2_1 = sys.modules["wan.modules.vae2_1"]
     orig = vae2_1._video_vae
     with _lock:
-        vae2_1._video_vae = lambda pretrained_path=None, z_dim=None, device="cpu", **kw: model
+        vae2_1._video_vae = lambda pretrained_path=None, z_dim=None, device="cpu", **kw: torch.nn.Module()
         try:
-            return vae2_1.Wan2_1_VAE(z_dim=model.z_dim, vae_pth=None, dtype=dtype, device=device)
+            vae = vae2_1.Wan2_1_VAE(z_dim=model.z_dim, vae_pth=None, dtype=dtype, device=device)
         finally:
             vae2_1._video_vae = orig
+    vae.model = model.eval().requires_grad_(False)
+    return vae

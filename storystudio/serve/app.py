@@ -73,16 +73,18 @@ def job_view(ctx: ServeContext, record: JobRecord, base: str) -> dict[str, Any]:
 
 def _models(ctx: ServeContext) -> list[dict[str, Any]]:
     state = ctx.queue.models_state
-    worker = ctx.settings.worker
+    folders = ctx.worker.folders
     out = []
-    for set_name, model_id, name, task, path in (
-        (VIDEO_SET, "wan2.2-s2v-14b", "Wan2.2-S2V-14B", "speech-to-video", worker.wan_dir),
-        (IMAGE_SET, "z-image-turbo", "Z-Image-Turbo", "text-to-image", worker.zimage_dir),
+    for set_name, model_id, name, task in (
+        (VIDEO_SET, "wan2.2-s2v-14b", "Wan2.2-S2V-14B", "speech-to-video"),
+        (IMAGE_SET, "z-image-turbo", "Z-Image-Turbo", "text-to-image"),
     ):
+        found = folders.found(set_name)
+        path = found.path if found is not None else folders.first_candidate(set_name)
         loaded = ("resident" if set_name in state.get("resident", ()) else
                   "parked" if set_name in state.get("parked", ()) else "not loaded")
         out.append({"id": model_id, "name": name, "task": task, "set": set_name, "path": str(path),
-                    "available": path.is_dir(), "state": loaded})
+                    "available": found is not None, "state": loaded})
     return out
 
 

@@ -79,13 +79,17 @@ def _serve(settings: ServeSettings) -> int:
     from storystudio.serve.app import create_app
     from storystudio.serve.store import DatabaseBusy
     from storystudio.storage import LocalStorage
-    from storystudio.worker import Worker, build_manager
+    from storystudio.errors import PreflightError
+    from storystudio.worker import Worker
 
     if settings.storage.backend == "s3":
         log.warning("HTTP mode serves its results itself: the S3 settings are ignored and results are "
                     "written to %s", settings.output_dir)
-    worker = Worker(settings.worker, build_manager(settings.worker),
-                    LocalStorage(settings.output_dir, settings.storage.prefix))
+    try:  # the same start-up as the RunPod worker: models found, GPU pre-flight, policy
+        worker = Worker.from_settings(settings.worker, storage=LocalStorage(settings.output_dir, settings.storage.prefix))
+    except PreflightError as exc:
+        log.error("pre-flight failed, not serving: %s", exc.message)
+        return EXIT_CONFIG
     try:
         app = create_app(settings, worker)
     except DatabaseBusy as exc:
