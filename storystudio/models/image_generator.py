@@ -26,6 +26,7 @@ from PIL import Image
 from storystudio import limits as L
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
+from storystudio.models.checkpoints.common import serialized_build
 from storystudio.models.checkpoints.zimage import TEXT_ENCODER_KEY_PREFIX, validate_zimage
 from storystudio.models.weight_files import LoadPlan, bind, sharded_safetensors_sources
 from storystudio.models.weight_loader import materialize
@@ -68,6 +69,7 @@ class ZImageGenerator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @serialized_build
     def plan(
         cls,
         path: str | os.PathLike,

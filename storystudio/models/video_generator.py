@@ -53,7 +53,7 @@ from storystudio.models.compile import COMPILE_CACHE_DIRNAME, BlockCompiler, con
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.video_path import VideoPathOptions
-from storystudio.models.checkpoints.common import read_json
+from storystudio.models.checkpoints.common import read_json, serialized_build
 from storystudio.models.checkpoints.wan_s2v import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -339,6 +339,7 @@ class WanS2VGenerator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @serialized_build
     def plan(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              validate: bool = True, options: VideoPathOptions | None = None,
              attention: AttentionSelection | None = None, **engine_kwargs: Any) -> LoadPlan:

@@ -7,11 +7,31 @@ of fixing one file per cold start.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from storystudio.errors import CheckpointError
+
+
+# accelerate's ``init_empty_weights`` patches ``torch.nn.Module.register_parameter`` for the
+# whole process while it is active: a module built meanwhile in another thread (a second
+# worker's engine, transformers' wav2vec2) would silently get ``meta`` parameters. Engines
+# therefore build their modules under this one process-wide lock.
+_MODEL_BUILD_LOCK = threading.RLock()
+
+
+def serialized_build(fn):
+    """Run ``fn`` (an engine's ``plan``/``from_pretrained``) while no other thread builds modules."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _MODEL_BUILD_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 @dataclass
 class Problems:
