@@ -689,11 +689,12 @@ def body_size(body: Mapping[str, Any]) -> int:
     return len(encode_body(body).encode("utf-8"))
 
 
-def check_body_size(body: Mapping[str, Any], route: str, *, hint: str = "") -> int:
-    """Return the body's size, or raise :class:`PayloadTooLarge` when it is over the
-    route's limit (:data:`PAYLOAD_LIMITS`). ``hint`` is appended to the message."""
+def check_body_size(body: Mapping[str, Any], route: str, *, extra: int = 0, hint: str = "") -> int:
+    """Return the body's size (plus ``extra`` bytes still to be filled in), or raise
+    :class:`PayloadTooLarge` when it is over the route's limit (:data:`PAYLOAD_LIMITS`).
+    ``hint`` is appended to the message."""
     limit = PAYLOAD_LIMITS[route]
-    size = body_size(body)
+    size = body_size(body) + extra
     if size > limit:
         raise PayloadTooLarge(
             f"the /{route} request body would be {size:,} bytes ({size / 1e6:.1f} MB), over RunPod's "

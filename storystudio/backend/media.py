@@ -94,6 +94,11 @@ class LocalFile:
             raise LocalMediaError(f"local file {self.path} changed while the story was being prepared")
         return data
 
+    @property
+    def data_uri_length(self) -> int:
+        """Length of :meth:`data_uri` without reading the file (base64: 4 chars per 3 bytes)."""
+        return len(f"data:{self.content_type};base64,") + 4 * ((self.size + 2) // 3)
+
     def data_uri(self) -> str:
         return f"data:{self.content_type};base64," + base64.b64encode(self.read()).decode("ascii")
 

@@ -173,15 +173,23 @@ class StoryStudio:
                 job_input = media.substitute(job_input, upload)
             else:
                 inlined = True
+                # the exact size first, without reading any file: a 2 GB video is refused at once
+                empty = job_body(media.substitute(job_input, lambda f: ""), execution_timeout)
+                check_body_size(empty, route, extra=sum(media.file(r).data_uri_length for r in media.refs),
+                                hint=self._inline_hint(media))
                 job_input = media.substitute(job_input, LocalFile.data_uri)
         sent = source.with_input(job_input) if media else source
-        hint = (f"{len(media.files)} local file(s) of {media.total_bytes:,} bytes were inlined as data: URIs; "
-                + _NO_BUCKET_HINT) if inlined else "send large media as URLs"
+        hint = self._inline_hint(media) if inlined else "send large media as URLs"
         size = check_body_size(job_body(sent.job_input, execution_timeout), route, hint=hint)
         if inlined:
             log.info("no input bucket: %d local file(s) inlined as data: URIs (request %d bytes)",
                      len(media.files), size)
         return PreparedStory(sent, source, media, fingerprint, tuple(uploads), inlined, size, route)
+
+    @staticmethod
+    def _inline_hint(media: LocalMedia) -> str:
+        return (f"{len(media.files)} local file(s) of {media.total_bytes:,} bytes were inlined as data: URIs; "
+                + _NO_BUCKET_HINT)
 
     # ------------------------------------------------------------------ stories
 

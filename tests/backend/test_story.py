@@ -180,3 +180,12 @@ def test_scene_tracker_follows_the_batch_order():
     assert [s.state for s in t.snapshot()] == ["done", "failed", "video"]
     assert not t.apply({"stage": "video_clips", "done": 2, "total": 3, "scene_id": "c"})
     assert not t.apply("warming up") and not t.apply({"stage": "videos", "scene_id": "zzz"})
+
+
+def test_data_uri_length_is_known_without_reading(files):
+    story = Story.from_mapping({"project_id": "p", "scenes": [{"prompt": "a", "audio": "audio/s1.wav"}]},
+                               base_dir=files)
+    for size in (0, 1, 2, 3, 4, 1000):
+        (files / "audio" / "s1.wav").write_bytes(b"\x01" * size or b"\x01")
+        f = next(iter(LocalMedia.scan(story).files.values()))
+        assert f.data_uri_length == len(f.data_uri())
