@@ -75,7 +75,7 @@ class StoryStudio:
 
     ``api_key``: the RunPod key (``None``: ``RUNPOD_API_KEY`` / ``RUNPOD_API_KEY_FILE``).
     ``storage``: the input bucket for local media (``None``: read from the environment,
-    the worker's ``STORYSTUDIO_S3_*`` / ``BUCKET_*`` variables; ``StorageSettings()``
+    the worker's S3 variables, e.g. ``STORYSTUDIO_S3_BUCKET``; ``StorageSettings()``
     without a bucket: always inline). ``input_url_seconds``: lifetime of the presigned
     input URLs (``None``: ``STORYSTUDIO_INPUT_URL_SECONDS``, default 24 h).
     ``client``: an existing :class:`RunPodClient` (then ``api_key``/bases are unused).

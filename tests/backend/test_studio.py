@@ -5,6 +5,7 @@ and resumed, and one story end to end through the real Worker on tiny checkpoint
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -398,3 +399,41 @@ def test_the_readme_example_runs(s3_server, bucket, tmp_path, monkeypatch, capsy
     printed = capsys.readouterr().out
     assert f"s1 {tmp_path / 'out' / 's1.png'} {tmp_path / 'out' / 's1.mp4'}" in printed
     assert "COMPLETED s1: done, s2: done" in printed
+
+
+def test_video_job_local_media_is_uploaded_and_runs_sync(fake, e2e_settings, bucket, s3_server, tmp_path):
+    """A single video job's image/audio/pose_video may be local too (prepare, then run);
+    the fake's /runsync runs the real worker (here: an image job, the cheap one)."""
+    from storystudio.worker import Worker
+
+    (tmp_path / "face.png").write_bytes(encode_png(np.full((32, 32, 3), 200, np.uint8)))
+    (tmp_path / "line.wav").write_bytes(encode_audio(synth_speech(0.5, seed=1), "wav"))
+    with studio_for(fake, bucket) as studio:
+        prepared = studio.prepare({"task": "video", "image": "face.png", "audio": "line.wav"},
+                                  base_dir=tmp_path, batch_only=False, route="runsync")
+        assert not prepared.inlined and [u.uploaded for u in prepared.uploads] == [True, True]
+        job = prepared.story.job_input
+        assert fetch_bytes(job["image"], kind="image", limits=LOOPBACK) == (tmp_path / "face.png").read_bytes()
+        assert fetch_bytes(job["audio"], kind="audio", limits=LOOPBACK) == (tmp_path / "line.wav").read_bytes()
+
+        fake.handler = Worker.from_settings(e2e_settings).handle
+        done = studio.client.run_sync(ENDPOINT, {"task": "image", "prompt": "a fox", **TINY_IMAGE, "seed": 4})
+    assert done.status == "COMPLETED", done
+    png = requests.get(done.output["image_url"], timeout=10).content
+    assert Image.open(io.BytesIO(png)).size == (256, 256)
+    assert (done.output["bytes"], done.output["sha256"]) == (len(png), sha(png))
+
+
+def test_results_of_a_worker_with_local_storage_are_copied(tmp_path):
+    """A worker writing to a shared disk reports file paths as URLs; they are copied."""
+    from storystudio.backend.downloads import download_story
+    from storystudio.backend.results import SceneResult, StoryResult
+
+    src = tmp_path / "worker-out" / "s1.png"
+    src.parent.mkdir()
+    data = encode_png(np.zeros((8, 8, 3), np.uint8))
+    src.write_bytes(data)
+    result = StoryResult("p", [SceneResult("s1", image_url=str(src), extra={"image_bytes": len(data),
+                                                                            "image_sha256": sha(data)})])
+    out = download_story(result, tmp_path / "out")
+    assert out.scenes[0].image_path.read_bytes() == data and out.scenes[0].video_path is None
