@@ -189,3 +189,17 @@ def test_data_uri_length_is_known_without_reading(files):
         (files / "audio" / "s1.wav").write_bytes(b"\x01" * size or b"\x01")
         f = next(iter(LocalMedia.scan(story).files.values()))
         assert f.data_uri_length == len(f.data_uri())
+
+
+def test_first_spec_spelling_with_local_files(files):
+    """The first specification's names (scene ``id``, ``audio_url``, ``image_url``,
+    ``video_settings``) work for local files too; what is sent keeps the caller's spelling."""
+    story = Story.from_mapping({"project_id": "p", "video_settings": {"sample_steps": 4}, "scenes": [
+        {"id": "intro", "prompt": "a", "audio_url": "audio/s1.wav"},
+        {"id": "cat", "image_url": "portrait.png", "audio_url": "https://x/b.mp3"}]}, base_dir=files)
+    assert story.scene_ids == ["intro", "cat"] and story.task.video.steps == 4
+    media = LocalMedia.scan(story)
+    assert [r.field for r in media.refs] == ["scenes[0].audio_url", "scenes[1].image_url"]
+    sent = media.substitute(story.job_input, lambda f: f"https://bucket.example/{f.sha256}")
+    assert story.with_input(sent).task.scenes[1].image == f"https://bucket.example/{media.file(media.refs[1]).sha256}"
+    assert "audio_url" in sent["scenes"][0] and "audio" not in sent["scenes"][0]

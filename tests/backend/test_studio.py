@@ -401,9 +401,9 @@ def test_the_readme_example_runs(s3_server, bucket, tmp_path, monkeypatch, capsy
     assert "COMPLETED s1: done, s2: done" in printed
 
 
-def test_video_job_local_media_is_uploaded_and_runs_sync(fake, e2e_settings, bucket, s3_server, tmp_path):
-    """A single video job's image/audio/pose_video may be local too (prepare, then run);
-    the fake's /runsync runs the real worker (here: an image job, the cheap one)."""
+def test_single_jobs_local_media_and_result_hash(fake, e2e_settings, bucket, s3_server, tmp_path):
+    """A single video job's image/audio may be local too (``prepare``, then send); a single
+    image job's result carries the size and SHA-256 of its PNG (real worker, cheap job)."""
     from storystudio.worker import Worker
 
     (tmp_path / "face.png").write_bytes(encode_png(np.full((32, 32, 3), 200, np.uint8)))
@@ -416,8 +416,9 @@ def test_video_job_local_media_is_uploaded_and_runs_sync(fake, e2e_settings, buc
         assert fetch_bytes(job["image"], kind="image", limits=LOOPBACK) == (tmp_path / "face.png").read_bytes()
         assert fetch_bytes(job["audio"], kind="audio", limits=LOOPBACK) == (tmp_path / "line.wav").read_bytes()
 
-        fake.handler = Worker.from_settings(e2e_settings).handle
-        done = studio.client.run_sync(ENDPOINT, {"task": "image", "prompt": "a fox", **TINY_IMAGE, "seed": 4})
+        fake.start_workers(lambda sink: Worker.from_settings(e2e_settings, sink=sink).handle, count=1)
+        submitted = studio.client.run(ENDPOINT, {"task": "image", "prompt": "a fox", **TINY_IMAGE, "seed": 4})
+        done = studio.client.wait_for_job(ENDPOINT, submitted.id, timeout=600, poll=FAST_POLL)
     assert done.status == "COMPLETED", done
     png = requests.get(done.output["image_url"], timeout=10).content
     assert Image.open(io.BytesIO(png)).size == (256, 256)
