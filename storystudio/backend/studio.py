@@ -230,7 +230,7 @@ class StoryStudio:
         folder = Path(download).expanduser() if download is not None else None
         previous = Manifest.read(folder) if folder is not None else None
         if previous is not None and not rerun:
-            if previous.story_sha256 == fingerprint and previous.result.ok and previous.result.job_id:
+            if previous.story_sha256 == fingerprint and previous.result.ok:
                 log.info("%s already holds this story's result (job %s): not rendered again, fetching only "
                          "missing files (rerun=True / --rerun renders it again)", folder, previous.result.job_id)
                 return download_story(previous.result, folder, story_sha256=fingerprint, previous=previous,
