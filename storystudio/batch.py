@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from storystudio.errors import StoryStudioError
@@ -25,7 +26,16 @@ from storystudio.media import AudioClip
 from storystudio.models import speed
 from storystudio.models.footprint import video_working_bytes
 from storystudio.progress import ProgressReporter
-from storystudio.render import VIDEO_SET, RenderContext, fetch_audio, fetch_image, render_image, render_video
+from storystudio.render import (
+    VIDEO_FPS,
+    VIDEO_SET,
+    RenderContext,
+    fetch_audio,
+    fetch_image,
+    fetch_pose_frames,
+    render_image,
+    render_video,
+)
 from storystudio.tasks import BatchTask, Scene
 
 logger = logging.getLogger(__name__)
@@ -42,10 +52,12 @@ def _scene_error(exc: BaseException, stage: str) -> dict[str, str]:
 
 @dataclass
 class _Fetches:
-    """Downloads started before the image phase: every scene's audio, and the given images."""
+    """Downloads started before the image phase: every scene's audio, the given images
+    and the pose videos."""
 
     audio: dict[str, Future[AudioClip]]
     images: dict[str, Future[Image.Image]]
+    poses: dict[str, Future[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,7 +70,7 @@ class _Swap:
 
 
 def fetch(ctx: RenderContext, scenes: list[Scene], pool: ThreadPoolExecutor) -> _Fetches:
-    """Start every audio download and every given-image download on ``pool``; don't wait."""
+    """Start every audio, given-image and pose-video download on ``pool``; don't wait."""
     return _Fetches(
         audio={
             s.scene_id: pool.submit(fetch_audio, ctx, s.audio, s, field_name=f"scenes[{i}].audio")  # type: ignore[misc]
@@ -68,6 +80,13 @@ def fetch(ctx: RenderContext, scenes: list[Scene], pool: ThreadPoolExecutor) -> 
             s.scene_id: pool.submit(fetch_image, ctx, s.image, field_name=f"scenes[{i}].image")  # type: ignore[misc]
             for i, s in enumerate(scenes)
             if s.image
+        },
+        poses={
+            s.scene_id: pool.submit(  # type: ignore[misc]
+                fetch_pose_frames, ctx, s.pose_video, fps=VIDEO_FPS, field_name=f"scenes[{i}].pose_video"
+            )
+            for i, s in enumerate(scenes)
+            if s.pose_video
         },
     )
 
@@ -98,6 +117,8 @@ def images(ctx: RenderContext, task: BatchTask, fetches: _Fetches, results: dict
                     image_source="generated",
                     image_url=rendered.result["image_url"],
                     image_key=rendered.result["image_key"],
+                    image_bytes=rendered.result["bytes"],
+                    image_sha256=rendered.result["sha256"],
                     image_seed=rendered.result["seed"],
                     image_timings=rendered.result["timings"],
                 )
@@ -141,8 +162,9 @@ def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictu
            fetches: _Fetches, results: dict[str, dict[str, Any]], progress: ProgressReporter) -> None:
     """Phase 2 (Wan resident): each remaining scene's talking video, in scene order.
 
-    A scene whose audio failed to download or decode gets that error (stage ``audio``);
-    one whose video fails gets stage ``video``.
+    A scene whose audio failed to download or decode gets that error (stage ``audio``),
+    likewise for its pose video (stage ``pose_video``); one whose video fails gets stage
+    ``video``.
     """
     done = 0
     progress.update("videos", done=0, total=len(video_scenes))
@@ -152,10 +174,13 @@ def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictu
         if sid not in video_ids:
             continue
         assert sid is not None
+        stage = "audio"
         try:
             audio = fetches.audio[sid].result()
+            stage = "pose_video"
+            pose = fetches.poses[sid].result() if sid in fetches.poses else None
         except Exception as exc:  # noqa: BLE001
-            results[sid]["error"] = _scene_error(exc, "audio")
+            results[sid]["error"] = _scene_error(exc, stage)
         else:
             try:
                 out = render_video(
@@ -165,6 +190,7 @@ def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictu
                     scene.video_text,
                     task.video,
                     task.scene_seed(i),
+                    pose_frames=pose,
                     scene_id=sid,
                     progress=progress.steps("video_clips", scene_id=sid),
                 )

@@ -10,6 +10,7 @@ much activation memory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import tempfile
 import time
@@ -84,8 +85,8 @@ def fetch_audio(ctx: RenderContext, source: str, trim: AudioTrim, *, field_name:
     )
 
 
-def fetch_pose_frames(ctx: RenderContext, source: str, *, fps: int) -> np.ndarray:
-    data = fetch_bytes(source, kind="video", limits=ctx.settings.inputs, field="pose_video")
+def fetch_pose_frames(ctx: RenderContext, source: str, *, fps: int, field_name: str = "pose_video") -> np.ndarray:
+    data = fetch_bytes(source, kind="video", limits=ctx.settings.inputs, field=field_name)
     return decode_video_frames(data, fps=fps)
 
 
@@ -132,6 +133,7 @@ def render_image(
         "width": out.image.width,
         "height": out.image.height,
         "bytes": len(png),
+        "sha256": hashlib.sha256(png).hexdigest(),  # lets a client verify (and skip) a download
         "timings": timer.sections,
     }
     if return_base64:
@@ -190,6 +192,7 @@ def render_video(
     with tempfile.TemporaryDirectory(prefix="storystudio-") as tmp:
         path = encode_mp4(out.frames, out.fps, audio, Path(tmp) / "video.mp4")
         t = timer.add("encode", t)
+        digest = _file_sha256(path)
         key = make_key(kind="video", job_id=ctx.job_id, ext="mp4", project_id=ctx.project_id, scene_id=scene_id)
         stored = ctx.storage.put_file(key, path, "video/mp4")
         timer.add("upload", t)
@@ -206,11 +209,20 @@ def render_video(
         "audio_duration_s": round(audio.duration_s, 3),
         "num_clips": out.num_clips,
         "bytes": stored.size,
+        "sha256": digest,
         "preset": params.preset,
         "speed": out.speed,
         "timings": timer.sections,
         "engine": out.engine,
     }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- single tasks

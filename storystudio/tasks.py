@@ -169,6 +169,7 @@ class Scene(AudioTrim):
     prompt: Prompt | None = None
     image: Source | None = None
     audio: Source
+    pose_video: Source | None = Field(None, description="optional pose video that drives the body motion")
     video_prompt: Prompt | None = None
     seed: Seed | None = None
 

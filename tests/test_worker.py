@@ -198,3 +198,31 @@ def test_prewarm_with_a_broken_volume_leaves_the_worker_answering(tiny_models, t
     assert r["code"] == "checkpoint_missing" and "empty-volume" in r["error"]
     ok = worker.handle({"id": "i", "input": {"task": "image", "prompt": "x", **IMAGE}})
     assert "error" not in ok
+
+
+def test_batch_scene_pose_video_and_result_hashes(tiny_models, tmp_path):
+    """A scene may carry a pose video; results report size and SHA-256 of each file so a
+    client can verify (and skip) its downloads."""
+    import hashlib
+
+    import numpy as np
+
+    from storystudio.media import encode_mp4
+
+    pose = encode_mp4((np.random.default_rng(1).random((16, 48, 40, 3)) * 255).astype(np.uint8), FPS, None,
+                      tmp_path / "pose.mp4").read_bytes()
+    pose_uri = "data:video/mp4;base64," + base64.b64encode(pose).decode()
+    worker = make_worker(tiny_models, tmp_path)
+    scenes = [{"scene_id": "posed", "prompt": "a dancer", "audio": data_uri("wav", 1.0), "pose_video": pose_uri},
+              {"scene_id": "bad-pose", "prompt": "x", "audio": data_uri("wav", 1.0, 1),
+               "pose_video": "data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode()}]
+    r = worker.handle(batch(scenes))
+    posed, bad = r["scenes"]
+    assert "error" not in posed, posed
+    assert probe_media(posed["video_url"]).video.frame_count == FPS
+    video = Path(posed["video_url"]).read_bytes()
+    image = Path(posed["image_url"]).read_bytes()
+    assert (posed["bytes"], posed["sha256"]) == (len(video), hashlib.sha256(video).hexdigest())
+    assert (posed["image_bytes"], posed["image_sha256"]) == (len(image), hashlib.sha256(image).hexdigest())
+    assert bad["error"]["stage"] == "pose_video" and bad["error"]["code"] == "invalid_video", bad["error"]
+    assert "image_url" in bad, "a bad pose video fails only that scene's video"

@@ -6,8 +6,10 @@ Commands (each takes ``--endpoint ID`` or ``RUNPOD_ENDPOINT_ID``)::
     storystudio warm set N [--wait]            set workersMin (persistent; not restored)
     storystudio warm hold N [--for S]          workersMin=N until S seconds pass or the
                                                process is interrupted/terminated; then restore
-    storystudio submit story.json [--warm N] [--wait-ready] [--timeout S]
-                                               run a story, print per-scene results as JSON
+    storystudio submit story.json [--warm N] [--wait-ready] [--timeout S] [--download DIR]
+                                               run a story, print per-scene results as JSON;
+                                               local media files are uploaded (or inlined);
+                                               --download writes PNGs, MP4s and result.json
     storystudio submit story.json --workers N  the same, spread over N workers (images job,
                                                then one video job per scene, N at a time)
     storystudio status JOB_ID                  print a job's status JSON
@@ -20,9 +22,11 @@ The API key comes from ``RUNPOD_API_KEY``, ``RUNPOD_API_KEY_FILE`` or ``--api-ke
 (never from the command line itself). Results go to stdout as JSON; progress and logs go
 to stderr.
 
-Exit codes: 0 success; 1 API error, job failed or timed out; 2 usage or configuration
-error; 3 the story finished but some scenes carry an error; 4 ``workersMin`` could not
-be restored (the message says what to run); 130 SIGINT; 128+n other signals.
+Exit codes: 0 success; 1 API error, job failed or timed out, upload or download failed;
+2 usage or configuration error (bad story, missing local file, request too large for
+RunPod without a bucket); 3 the story finished but some scenes carry an error;
+4 ``workersMin`` could not be restored (the message says what to run); 130 SIGINT;
+128+n other signals.
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ from storystudio.errors import InvalidInput
 
 from .auth import ApiKey, load_api_key, scrub
 from .client import DEFAULT_API_BASE, DEFAULT_REST_BASE, PollSettings, RetryPolicy, RunPodClient
-from .errors import BackendError, ConfigError, RestoreFailed
-from .schema import StoryProject
+from .errors import BackendError, ConfigError, PayloadTooLarge, RestoreFailed
 from .warm import Terminated, WarmWorkers
 
 log = logging.getLogger("storystudio.backend.cli")
@@ -146,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.add_argument("--no-cancel", action="store_true",
                     help="do not cancel the job when interrupted or timed out")
+    # -- issue 16: local media and results on disk
+    sp.add_argument("--download", type=Path, default=None, metavar="DIR",
+                    help="write each scene's PNG and MP4 and result.json to DIR; files already "
+                         "there and complete are kept, and an unchanged story already rendered "
+                         "into DIR is not rendered again")
+    sp.add_argument("--rerun", action="store_true",
+                    help="with --download: render again even if DIR holds this story's result")
+    sp.add_argument("--input-url-ttl", type=int, default=None, metavar="S",
+                    help="lifetime of the presigned URLs of uploaded local media "
+                         "(default: $STORYSTUDIO_INPUT_URL_SECONDS or 86400)")
 
     st = sub.add_parser("status", parents=[common], help="print a job's status")
     st.add_argument("job_id")
@@ -190,18 +203,6 @@ def _print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def _load_story(path: str) -> StoryProject:
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read story file {path}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"story file {path} is not valid JSON: {exc}") from None
-    return StoryProject.from_dict(data)
-
-
 def _client(args: argparse.Namespace, key: ApiKey) -> RunPodClient:
     retry = RetryPolicy(max_attempts=max(1, args.max_attempts), backoff_base=max(0.0, args.backoff_base),
                         backoff_max=max(0.0, args.backoff_max))
@@ -209,55 +210,70 @@ def _client(args: argparse.Namespace, key: ApiKey) -> RunPodClient:
                         timeout=(min(10.0, args.http_timeout), args.http_timeout), retry=retry)
 
 
-def _cmd_submit(args: argparse.Namespace, client: RunPodClient, console: Any) -> int:
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+class _StoryDisplay:
+    """Per-scene progress: one bar per scene on a terminal, a log line per change elsewhere."""
 
-    from .submit import ProgressUpdate, submit_story
+    def __init__(self, console: Any, story: Any, show: bool) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    project = _load_story(args.story)
-    show = not args.no_progress and console.is_terminal
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        TimeElapsedColumn(), console=console, transient=True, disable=not show)
-    task = progress.add_task(f"{project.project_id}: submitting", total=None)
+        self.name = story.project_id
+        self.show = show
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True, disable=not show)
+        self.job = self.progress.add_task(f"{self.name}: submitting", total=None)
+        self.rows = {sid: self.progress.add_task(f"  {sid}: waiting", total=None) for sid in story.scene_ids}
+        self.seen: dict[str, str] = {}
 
-    def on_submitted(job_id: str) -> None:
-        progress.update(task, description=f"{project.project_id}: job {job_id} submitted "
-                                          f"({len(project.scenes)} scene(s))")
+    def submitted(self, job_id: str) -> None:
+        self.progress.update(self.job, description=f"{self.name}: job {job_id} submitted "
+                                                   f"({len(self.rows)} scene(s))")
 
-    def on_progress(update: ProgressUpdate) -> None:
-        kwargs: dict[str, Any] = {"description": f"{project.project_id}: {update.describe()}"}
+    def update(self, update: Any) -> None:
+        kwargs: dict[str, Any] = {"description": f"{self.name}: {update.describe()}"}
         if update.fraction is not None:
             kwargs.update(total=1000, completed=round(update.fraction * 1000))
-        progress.update(task, **kwargs)
+        self.progress.update(self.job, **kwargs)
+        for scene in update.scenes:
+            text = scene.describe()
+            if self.seen.get(scene.scene_id) == text:
+                continue
+            self.seen[scene.scene_id] = text
+            row: dict[str, Any] = {"description": f"  {scene.scene_id}: {text}"}
+            if scene.final:
+                row.update(total=1, completed=1)
+            elif scene.clips_total:
+                row.update(total=scene.clips_total, completed=scene.clips_done or 0)
+            self.progress.update(self.rows[scene.scene_id], **row)
+            if not self.show:
+                log.info("scene %s: %s", scene.scene_id, text)
 
+
+def _cmd_submit(args: argparse.Namespace, client: RunPodClient, console: Any) -> int:
+    from .story import Story
+    from .studio import StoryStudio
+
+    story = Story.from_file(args.story)
+    studio = StoryStudio(args.endpoint, client=client, input_url_seconds=args.input_url_ttl)
+    show = not args.no_progress and console.is_terminal
+    display = _StoryDisplay(console, story, show)
     poll = PollSettings(initial=args.poll_interval, maximum=max(args.poll_interval, args.max_poll_interval))
-    # the bar shows each status change; don't repeat them as log lines unless -v
+    # the bars show each status change; don't repeat them as log lines unless -v
     submit_log = logging.getLogger("storystudio.backend.submit")
     saved_level = submit_log.level
     if show and not args.verbose:
         submit_log.setLevel(logging.WARNING)
     try:
-        with progress:
-            if args.workers and args.workers > 1:
-                from .fanout import fan_out_story
-
-                result = fan_out_story(
-                    client, args.endpoint, project, workers=args.workers,
-                    timeout=args.timeout, poll=poll,
-                    execution_timeout=args.execution_timeout if args.execution_timeout else -1,
-                    wait_ready=args.wait_ready, ready_timeout=args.ready_timeout,
-                    ready_poll_interval=args.ready_poll, on_progress=on_progress,
-                )
-            else:
-                result = submit_story(
-                    client, args.endpoint, project,
-                    timeout=args.timeout, poll=poll,
-                    execution_timeout=args.execution_timeout if args.execution_timeout else -1,
-                    warm=args.warm or None, wait_ready=args.wait_ready,
-                    ready_timeout=args.ready_timeout, ready_poll_interval=args.ready_poll,
-                    on_progress=on_progress, on_submitted=on_submitted,
-                    cancel_on_abort=not args.no_cancel,
-                )
+        with display.progress:
+            result = studio.run_story(
+                story, warm=args.warm or None, workers=args.workers or None,
+                download=args.download, rerun=args.rerun,
+                timeout=args.timeout, poll=poll,
+                execution_timeout=args.execution_timeout if args.execution_timeout else -1,
+                wait_ready=args.wait_ready, ready_timeout=args.ready_timeout,
+                ready_poll_interval=args.ready_poll,
+                on_progress=display.update, on_submitted=display.submitted,
+                cancel_on_abort=not args.no_cancel,
+            )
     finally:
         submit_log.setLevel(saved_level)
     _print_json(result.to_dict())
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreFailed as exc:
         log.error("%s", exc)
         return EXIT_RESTORE
-    except (ConfigError, InvalidInput) as exc:
+    except (ConfigError, InvalidInput, PayloadTooLarge) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     except BackendError as exc:

@@ -48,6 +48,7 @@ from .errors import (
     AuthError,
     BackendError,
     JobTimeout,
+    PayloadTooLarge,
     RequestTimeout,
     RunPodAPIError,
     WorkersNotReady,
@@ -57,6 +58,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://api.runpod.ai/v2"
 DEFAULT_REST_BASE = "https://rest.runpod.io/v1"
+
+#: Largest request body RunPod accepts on ``POST /run``: "Payload limit: 10 MB"
+#: (https://docs.runpod.io/serverless/endpoints/send-requests, section "/run").
+#: Read as decimal megabytes, the stricter of the two readings.
+RUN_PAYLOAD_LIMIT_BYTES = 10_000_000
+#: Largest request body on ``POST /runsync``: "Maximum payload size: 20 MB"
+#: (https://docs.runpod.io/serverless/endpoints/operation-reference, section "/runsync").
+RUNSYNC_PAYLOAD_LIMIT_BYTES = 20_000_000
+PAYLOAD_LIMITS: dict[str, int] = {"run": RUN_PAYLOAD_LIMIT_BYTES, "runsync": RUNSYNC_PAYLOAD_LIMIT_BYTES}
 
 #: Final job states (runpod SDK ``endpoint/helpers.py`` ``is_completed``).
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -348,7 +358,7 @@ class RunPodClient:
         after an ambiguous failure (timeout, 5xx) is logged as a possible duplicate.
         """
         what = what or f"{method} {url}"
-        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        data = None if body is None else encode_body(body)
         policy = self.retry
         last_status: int | None = None
         last_reason = ""
@@ -522,7 +532,8 @@ class RunPodClient:
         webhook: str | None = None,
     ) -> JobStatus:
         """``POST /run`` with ``{"input": job_input, "policy"?, "webhook"?}``."""
-        body = _job_body(job_input, execution_timeout_s, ttl_s, webhook)
+        body = job_body(job_input, execution_timeout_s, ttl_s, webhook)
+        check_body_size(body, "run")
         data = self.request(
             "POST", self._api(endpoint_id, "run"), body=body,
             what=f"submit job to {endpoint_id}", duplicate_risk=True,
@@ -540,7 +551,8 @@ class RunPodClient:
         execution_timeout_s: float | None = None,
     ) -> JobStatus:
         """``POST /runsync[?wait=ms]``; the answer may still be pending (then poll ``status``)."""
-        body = _job_body(job_input, execution_timeout_s, None, None)
+        body = job_body(job_input, execution_timeout_s, None, None)
+        check_body_size(body, "runsync")
         params = None
         if wait_ms is not None:
             if not 1000 <= wait_ms <= 300000:
@@ -667,12 +679,40 @@ def _job_status(data: Any, job_id: str | None) -> JobStatus:
     return JobStatus.from_dict(data, job_id=job_id)
 
 
-def _job_body(
+def encode_body(body: Mapping[str, Any]) -> str:
+    """The exact JSON text :meth:`RunPodClient.request` sends for ``body``."""
+    return json.dumps(body, separators=(",", ":"))
+
+
+def body_size(body: Mapping[str, Any]) -> int:
+    """Size in bytes of ``body`` as sent (UTF-8 of :func:`encode_body`)."""
+    return len(encode_body(body).encode("utf-8"))
+
+
+def check_body_size(body: Mapping[str, Any], route: str, *, extra: int = 0, hint: str = "") -> int:
+    """Return the body's size (plus ``extra`` bytes still to be filled in), or raise
+    :class:`PayloadTooLarge` when it is over the route's limit (:data:`PAYLOAD_LIMITS`).
+    ``hint`` is appended to the message."""
+    limit = PAYLOAD_LIMITS[route]
+    size = body_size(body) + extra
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the /{route} request body would be {size:,} bytes ({size / 1e6:.1f} MB), over RunPod's "
+            f"limit of {limit:,} bytes ({limit / 1e6:g} MB) for /{route}" + (f"; {hint}" if hint else ""),
+            size=size,
+            limit=limit,
+            route=route,
+        )
+    return size
+
+
+def job_body(
     job_input: Mapping[str, Any],
-    execution_timeout_s: float | None,
-    ttl_s: float | None,
-    webhook: str | None,
+    execution_timeout_s: float | None = None,
+    ttl_s: float | None = None,
+    webhook: str | None = None,
 ) -> dict[str, Any]:
+    """The ``/run`` / ``/runsync`` request body: ``{"input", "policy"?, "webhook"?}``."""
     if not isinstance(job_input, Mapping):
         raise TypeError("job_input must be a mapping (it becomes the job's 'input')")
     body: dict[str, Any] = {"input": dict(job_input)}

@@ -100,3 +100,37 @@ class RestoreFailed(BackendError):
     """``workersMin`` could not be restored. The message names the command to run by hand."""
 
     code = "restore_failed"
+
+
+class PayloadTooLarge(BackendError):
+    """The job request would exceed RunPod's request-size limit for its route.
+
+    ``size`` and ``limit`` are in bytes; ``route`` is ``run`` or ``runsync``. Raised
+    before anything is sent (RunPod would refuse the request anyway).
+    """
+
+    code = "payload_too_large"
+
+    def __init__(self, message: str, *, size: int, limit: int, route: str) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+        self.route = route
+
+
+class LocalMediaError(ConfigError):
+    """A story names a local media file that cannot be used (missing, unreadable, a folder)."""
+
+    code = "local_media"
+
+
+class UploadFailed(BackendError):
+    """A local media file could not be uploaded to (or presigned in) the input bucket."""
+
+    code = "upload_failed"
+
+
+class DownloadFailed(BackendError):
+    """A result file could not be downloaded, or did not match its size/hash."""
+
+    code = "download_failed"

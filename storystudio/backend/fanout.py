@@ -39,8 +39,9 @@ from storystudio.tasks import BatchTask, parse_job_input
 
 from .client import PollSettings, RunPodClient
 from .errors import BackendError, JobFailed, RunPodAPIError
-from .schema import StoryProject, StoryResult
-from .submit import ProgressUpdate, interpret_final
+from .results import StoryResult
+from .story import Story
+from .submit import ProgressUpdate, interpret_final, refuse_local_files
 from .warm import WarmWorkers
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def video_input(task: BatchTask, index: int, image: str) -> dict[str, Any]:
     scene = task.scenes[index]
     data: dict[str, Any] = {"task": "video", "image": image, "audio": scene.audio, "prompt": scene.video_text}
     data.update(task.video.model_dump(mode="json", exclude_unset=True))
-    for key in ("audio_start", "audio_duration"):
+    for key in ("pose_video", "audio_start", "audio_duration"):
         if getattr(scene, key) is not None:
             data[key] = getattr(scene, key)
     seed = task.scene_seed(index)
@@ -189,7 +190,7 @@ class FanOut:
             self._cancel(job_id)
 
     # ------------------------------------------------------------------ phases
-    def _images(self, task: BatchTask, project: StoryProject) -> tuple[dict[str, dict[str, Any]], str | None]:
+    def _images(self, task: BatchTask, story: Story) -> tuple[dict[str, dict[str, Any]], str | None]:
         """Scene id → image fields from the images job (or the given image)."""
         out: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in task.scenes}  # type: ignore[misc]
         for s in task.scenes:
@@ -201,7 +202,7 @@ class FanOut:
         job_id = self._submit(data, "images")
         self._progress(job_id, "images", 0, len(task.scenes))
         try:
-            result: StoryResult = interpret_final(self._wait(job_id), project, redact=self.client.scrub)
+            result: StoryResult = interpret_final(self._wait(job_id), story, redact=self.client.scrub)
         except JobFailed as exc:
             # The whole images job failed: every scene that needed an image fails at that stage.
             for s in task.scenes:
@@ -248,17 +249,21 @@ class FanOut:
         raise last
 
     # ------------------------------------------------------------------ the story
-    def run(self, project: StoryProject | Mapping[str, Any]) -> StoryResult:
-        """Render ``project`` and return a batch-shaped :class:`StoryResult` (no warm handling)."""
-        if not isinstance(project, StoryProject):
-            project = StoryProject.from_dict(project)
-        task = parse_job_input(project.to_input())
+    def run(self, story: Story | Mapping[str, Any]) -> StoryResult:
+        """Render ``story`` and return a batch-shaped :class:`StoryResult` (no warm handling).
+
+        The story is validated with the worker's models and must not name local files
+        (:class:`~storystudio.backend.studio.StoryStudio` uploads them first).
+        """
+        story = story if isinstance(story, Story) else Story.load(story)
+        refuse_local_files(story)
+        task = story.task
         assert isinstance(task, BatchTask)
         t0 = time.monotonic()
         self._deadline = t0 + self.timeout
         self._stop.clear()
         try:
-            scenes, images_job = self._images(task, project)
+            scenes, images_job = self._images(task, story)
             t1 = time.monotonic()
             runs = {s.scene_id: _SceneRun(s.scene_id) for s in task.scenes}  # type: ignore[misc]
             todo = [(i, s) for i, s in enumerate(task.scenes) if "error" not in scenes[s.scene_id]]  # type: ignore[index]
@@ -315,7 +320,8 @@ class FanOut:
             },
         }
         add_first_spec_names(task, output)  # scene ``id`` as a batch job's result carries it
-        return StoryResult.from_output(output, project=project, job_id=images_job)
+        return StoryResult.from_output(output, scene_ids=story.scene_ids, project_id=story.project_id,
+                                       job_id=images_job)
 
     @staticmethod
     def _record(entry: dict[str, Any], fut: Future, run: _SceneRun) -> None:
@@ -339,7 +345,7 @@ class FanOut:
 def fan_out_story(
     client: RunPodClient,
     endpoint_id: str,
-    project: StoryProject | Mapping[str, Any],
+    story: Story | Mapping[str, Any],
     *,
     workers: int,
     timeout: float = 3600.0,
@@ -357,4 +363,4 @@ def fan_out_story(
                  max_attempts=max_attempts, on_progress=on_progress)
     with WarmWorkers(client, endpoint_id, workers, wait_ready=wait_ready, ready_timeout=ready_timeout,
                      ready_poll_interval=ready_poll_interval, ready_workers=1, handle_signals=handle_signals):
-        return fan.run(project)
+        return fan.run(story)

@@ -3,13 +3,19 @@
 :func:`submit_story` does the whole round trip: optional warm workers (restored
 afterwards), ``/run``, ``/status`` polling with backoff (progress updates the worker
 sends with ``runpod.serverless.progress_update`` arrive as ``output`` while the job is
-``IN_PROGRESS`` and are passed to ``on_progress``), and interpretation of the final
-state. If waiting is interrupted (client timeout, Ctrl-C, SIGTERM, any error) the job is
-cancelled so it does not keep a GPU busy for nobody.
+``IN_PROGRESS`` and are passed to ``on_progress``, with the per-scene state folded in by
+:class:`~storystudio.backend.scene_progress.SceneTracker`), and interpretation of the
+final state. If waiting is interrupted (client timeout, Ctrl-C, SIGTERM, any error) the
+job is cancelled so it does not keep a GPU busy for nobody.
+
+The story is validated with the worker's own models before anything happens
+(:class:`~storystudio.backend.story.Story`), and it must not name local files: this
+layer sends the input as it is. :class:`~storystudio.backend.studio.StoryStudio`
+uploads or inlines local media first, then calls this.
 
 How a final job is interpreted:
 
-* ``COMPLETED`` with a batch output → :class:`~storystudio.backend.schema.StoryResult`
+* ``COMPLETED`` with a batch output → :class:`~storystudio.backend.results.StoryResult`
   (per-scene errors stay per scene: ``SceneResult.error``).
 * ``COMPLETED`` with ``{"error", "code"}`` as output → :class:`JobFailed` with that code.
 * ``FAILED`` → :class:`JobFailed`. The runpod SDK moves a handler's top-level ``"error"``
@@ -25,12 +31,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .client import PENDING_STATUSES, JobStatus, PollSettings, RunPodClient, _fingerprint
-from .errors import BackendError, JobFailed
-from .schema import StoryProject, StoryResult, split_code
+from .errors import BackendError, JobFailed, LocalMediaError
+from .media import local_references
+from .results import StoryResult, split_code
+from .scene_progress import SceneProgress, SceneTracker
+from .story import Story
 from .warm import SignalGuard, WarmWorkers
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class ProgressUpdate:
     done: float | None = None
     total: float | None = None
     raw: Any = None
+    scenes: tuple[SceneProgress, ...] = ()
 
     @property
     def fraction(self) -> float | None:
@@ -132,11 +142,12 @@ def _decode_error(value: Any) -> tuple[str, dict[str, Any]]:
 
 def interpret_final(
     job: JobStatus,
-    project: StoryProject | None = None,
+    story: Story | None = None,
     redact: Callable[[str], str] = str,
 ) -> StoryResult:
     """Turn a final job status into a :class:`StoryResult` or raise :class:`JobFailed`.
 
+    ``story``'s scenes missing from the output are reported as ``missing_result``.
     ``redact`` is applied to error messages built from worker text (pass
     ``client.scrub``), before any exception object exists.
     """
@@ -153,7 +164,12 @@ def interpret_final(
         if job.error:
             msg, _ = _decode_error(job.error)
             log.warning("job %s completed but also reported an error (%d chars)", job.id, len(msg))
-        return StoryResult.from_output(out, project=project, job_id=job.id)
+        return StoryResult.from_output(
+            out,
+            scene_ids=story.scene_ids if story is not None else (),
+            project_id=story.project_id if story is not None else None,
+            job_id=job.id,
+        )
     if job.status == "FAILED":
         msg, details = _decode_error(job.error)
         code = None
@@ -189,7 +205,7 @@ def _cancel_quietly(client: RunPodClient, endpoint_id: str, job_id: str, guard: 
 def _run_and_wait(
     client: RunPodClient,
     endpoint_id: str,
-    project: StoryProject,
+    story: Story,
     *,
     timeout: float,
     poll: PollSettings | None,
@@ -199,10 +215,11 @@ def _run_and_wait(
     cancel_on_abort: bool,
     guard: SignalGuard | None,
 ) -> StoryResult:
-    job = client.run(endpoint_id, project.to_input(), execution_timeout_s=execution_timeout)
+    job = client.run(endpoint_id, story.job_input, execution_timeout_s=execution_timeout)
     if on_submitted is not None:
         on_submitted(job.id)
     last: list[tuple[str, str] | None] = [None]
+    tracker = SceneTracker(story.scene_ids)
 
     def on_update(status: JobStatus) -> None:
         marker = (status.status, _fingerprint(status.output if not status.done else None))
@@ -210,6 +227,9 @@ def _run_and_wait(
             return
         last[0] = marker
         update = parse_progress(status)
+        if update.raw is not None:
+            tracker.apply(update.raw)
+        update = replace(update, scenes=tracker.snapshot())
         log.info("job %s: %s", status.id, client.scrub(update.describe()))
         if on_progress is not None:
             on_progress(update)
@@ -220,13 +240,29 @@ def _run_and_wait(
         if cancel_on_abort:
             _cancel_quietly(client, endpoint_id, job.id, guard)
         raise
-    return interpret_final(final, project, redact=client.scrub)
+    result = interpret_final(final, story, redact=client.scrub)
+    if on_progress is not None:
+        tracker.finish(result.scenes)
+        on_progress(ProgressUpdate(final.id, final.status, scenes=tracker.snapshot()))
+    return result
+
+
+def refuse_local_files(story: Story) -> None:
+    """Raise :class:`LocalMediaError` if ``story`` still names local files (this layer sends
+    the input as it is; :class:`~storystudio.backend.studio.StoryStudio` resolves them)."""
+    refs = local_references(story)
+    if refs:
+        names = ", ".join(f"{r.field} ({r.path})" for r in refs[:5])
+        raise LocalMediaError(
+            f"the story names local files, which the worker cannot read: {names}; run it with "
+            "StoryStudio.run_story / `storystudio submit`, which upload them (or inline them as data URIs)"
+        )
 
 
 def submit_story(
     client: RunPodClient,
     endpoint_id: str,
-    project: StoryProject | Mapping[str, Any],
+    story: Story | Mapping[str, Any],
     *,
     timeout: float = 3600.0,
     poll: PollSettings | None = None,
@@ -240,8 +276,10 @@ def submit_story(
     cancel_on_abort: bool = True,
     handle_signals: bool = True,
 ) -> StoryResult:
-    """Run ``project`` as one batch job and return its per-scene results.
+    """Run ``story`` as one batch job and return its per-scene results.
 
+    ``story``: a :class:`Story` or the job input as a mapping (validated here with the
+    worker's models; :class:`~storystudio.errors.InvalidInput` before any request).
     ``timeout``: how long to wait for the job (queue + execution) before cancelling it
     and raising :class:`~storystudio.backend.errors.JobTimeout`.
     ``execution_timeout``: RunPod ``policy.executionTimeout`` in seconds; the default
@@ -250,8 +288,10 @@ def submit_story(
     ``warm``: if set, ``workersMin`` is raised to this for the duration (see
     :class:`WarmWorkers`) and restored afterwards, also on errors and signals.
     """
-    if not isinstance(project, StoryProject):
-        project = StoryProject.from_dict(project)
+    story = Story.load(story) if not isinstance(story, Story) else story
+    if not story.is_batch:
+        raise BackendError(f"submit_story runs batch jobs, not {story.task.task!r}", code="invalid_argument")
+    refuse_local_files(story)
     if execution_timeout == -1:
         execution_timeout = max(timeout, 10.0)
     kwargs = dict(timeout=timeout, poll=poll, execution_timeout=execution_timeout,
@@ -262,12 +302,12 @@ def submit_story(
                              ready_timeout=ready_timeout, ready_poll_interval=ready_poll_interval,
                              handle_signals=handle_signals)
         with warmer:
-            return _run_and_wait(client, endpoint_id, project, guard=warmer.guard, **kwargs)
+            return _run_and_wait(client, endpoint_id, story, guard=warmer.guard, **kwargs)
     guard = SignalGuard() if handle_signals else None
     if guard is not None:
         guard.install()
     try:
-        return _run_and_wait(client, endpoint_id, project, guard=guard, **kwargs)
+        return _run_and_wait(client, endpoint_id, story, guard=guard, **kwargs)
     finally:
         if guard is not None:
             guard.uninstall()

@@ -29,6 +29,9 @@ runs a matching job at its first progress update (a ``BaseException`` unwinds th
 handler, like SIGKILL would end it): the job becomes ``FAILED`` as RunPod reports a
 worker that exited, or vanishes (``404``), or ``TIMED_OUT``; a fresh worker replaces it.
 
+Request size: bodies over RunPod's documented limits (10 MB for ``/run``, 20 MB for
+``/runsync``) are refused with 413.
+
 Failure injection: :meth:`FakeRunPod.add_fault` makes matching requests answer with a
 status (e.g. a 503 burst, 429 + ``Retry-After``) or stall for ``delay`` seconds (client
 timeout), optionally after applying the request (``apply=True``: the PATCH lands but
@@ -51,6 +54,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from storystudio.backend.client import PAYLOAD_LIMITS
 from storystudio.errors import StoryStudioError
 from storystudio.tasks import BatchTask, parse_job_input
 
@@ -493,7 +497,7 @@ class FakeRunPod:
                 self._no_query(query)
                 return 200, self._health(eid)
             self._only(method, "POST")
-            return self._submit(eid, op, query, self._json_body(record, raw))
+            return self._submit(eid, op, query, self._json_body(record, raw), len(raw))
 
         m = re.fullmatch(r"/v2/([^/]+)/(status|stream|cancel)/([^/]+)", path)
         if m:
@@ -574,7 +578,7 @@ class FakeRunPod:
 
     # ------------------------------------------------------------------ jobs
 
-    def _submit(self, eid: str, op: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    def _submit(self, eid: str, op: str, query: dict[str, list[str]], body: Any, size: int) -> tuple[int, Any]:
         if op == "run":
             self._no_query(query)
         else:
@@ -589,6 +593,8 @@ class FakeRunPod:
                     raise BadRequest(400, "wait must be within 1000..300000")
         if not isinstance(body, dict):
             raise BadRequest(400, "body must be a JSON object")
+        if size > PAYLOAD_LIMITS[op]:
+            raise BadRequest(413, f"request body of {size} bytes is over the /{op} limit")
         if "input" not in body or not isinstance(body["input"], dict):
             raise BadRequest(400, "body must have an 'input' object")
         if set(body) - RUN_BODY_KEYS:

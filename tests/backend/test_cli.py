@@ -150,7 +150,7 @@ def test_restore_failure_is_exit_4(env, capsys, story_file):
 
 @pytest.mark.parametrize("content,match", [
     ("{not json", "not valid JSON"),
-    (json.dumps({"project_id": "p", "scenes": [{"audio": "a"}]}), "needs 'prompt'"),
+    (json.dumps({"project_id": "p", "scenes": [{"audio": "a"}]}), "a scene needs either 'prompt'"),
 ])
 def test_bad_story_is_exit_2_without_requests(env, capsys, tmp_path, content, match):
     path = tmp_path / "bad.json"
@@ -239,3 +239,60 @@ def test_sigterm_to_warm_hold_restores(fake):
             proc.kill()
     assert proc.returncode == 143, err
     assert fake.workers_min_history[ENDPOINT] == [1, 0]
+
+
+# --------------------------------------------------------------------------- local media, --download
+
+
+def test_submit_uploads_local_media_and_downloads_results(env, capsys, tmp_path, s3_server, monkeypatch):
+    from .test_studio import STORY as RESUME_STORY, _media, _plan, _publish
+
+    prefix = f"cli-{time.monotonic_ns()}/"
+    for name, value in {"STORYSTUDIO_S3_ENDPOINT_URL": s3_server.endpoint_url, "STORYSTUDIO_S3_BUCKET": s3_server.bucket,
+                        "STORYSTUDIO_S3_ACCESS_KEY_ID": s3_server.access_key,
+                        "STORYSTUDIO_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+                        "STORYSTUDIO_S3_PREFIX": prefix}.items():
+        monkeypatch.setenv(name, value)
+    media = _media(tmp_path)
+    env.queue_plan(_plan(media, _publish(s3_server, prefix, media)))
+    (tmp_path / "s1.wav").write_bytes(b"RIFF local narration")
+    story = json.loads(json.dumps(RESUME_STORY))
+    story["scenes"][0]["audio"] = "s1.wav"
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps(story))
+    out = tmp_path / "out"
+    argv = ["submit", str(path), "--download", str(out), "--input-url-ttl", "7200", "--poll-interval", "0.002",
+            "--max-poll-interval", "0.01"]
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["download_dir"] == str(out.resolve())
+    assert result["scenes"][0]["image_path"] == str(out.resolve() / "s1.png")
+    assert (out / "s1.png").read_bytes() == media["s1.png"] and (out / "s2.mp4").read_bytes() == media["s2.mp4"]
+    sent = next(iter(env.jobs.values())).body["input"]["scenes"][0]["audio"]
+    assert "X-Amz-Expires=7200" in sent and requests_get(sent) == b"RIFF local narration"
+    assert "uploaded input s1.wav" in err
+    assert "scene s1: done" in err and "scene s2: done" in err  # per-scene lines when stderr is no terminal
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0 and "not rendered again" in err and len(env.jobs) == 1
+    assert json.loads(stdout)["scenes"][1]["video_path"] == str(out.resolve() / "s2.mp4")
+
+
+def requests_get(url: str) -> bytes:
+    import requests
+
+    return requests.get(url, timeout=10).content
+
+
+def test_submit_missing_local_file_or_too_large_is_exit_2(env, capsys, tmp_path, monkeypatch):
+    for name in ("STORYSTUDIO_S3_BUCKET", "STORYSTUDIO_S3_ENDPOINT_URL", "BUCKET_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    story = {"project_id": "p", "scenes": [{"prompt": "x", "audio": "narration/s1.wav"}]}
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps(story))
+    rc, _, err = run_cli(capsys, "submit", str(path), "--warm", "1")
+    assert rc == 2 and "scenes[0].audio: local file not found" in err and env.requests == []
+    (tmp_path / "narration").mkdir()
+    (tmp_path / "narration" / "s1.wav").write_bytes(os.urandom(7_600_000))
+    rc, _, err = run_cli(capsys, "submit", str(path), "--warm", "1")
+    assert rc == 2 and "over RunPod's limit of 10,000,000 bytes (10 MB) for /run" in err and env.requests == []

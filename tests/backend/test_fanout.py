@@ -257,6 +257,9 @@ def test_fanout_job_inputs_follow_the_batch_rules():
     assert given["prompt"] == "" and given["seed"] == 42
     all_given = parse_job_input({"task": "batch", "project_id": "g", "scenes": [{"image": _png(), "audio": _audio(0)}]})
     assert images_input(all_given) is None, "nothing to generate: no images job"
+    posed = parse_job_input({"task": "batch", "project_id": "p", "scenes": [
+        {"prompt": "x", "audio": "https://x.example/a.mp3", "pose_video": "https://x.example/pose.mp4"}]})
+    assert video_input(posed, 0, "https://bucket.example/s1.png")["pose_video"] == "https://x.example/pose.mp4"
 
 
 def test_fanout_rejects_bad_worker_counts(fake):
