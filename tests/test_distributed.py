@@ -61,10 +61,15 @@ def _frames(result: dict) -> np.ndarray:
 
 
 def _capture_calls(wan_dir: Path) -> list[dict]:
-    """The DiT calls of a real 1-step generation (cond, uncond) on the tiny checkpoint."""
-    from storystudio.models.video_generator import VideoRequest, WanS2VGenerator
+    """The DiT calls of a real 1-step generation (cond, uncond) on the tiny checkpoint.
 
-    engine = WanS2VGenerator.from_pretrained(wan_dir, device="cpu")
+    CFG batching is off here so the two branches arrive as two calls; the test builds the
+    batched call (what the exact path sends) from them.
+    """
+    from storystudio.models.video_generator import VideoRequest, WanS2VGenerator
+    from storystudio.models.video_path import VideoPathOptions
+
+    engine = WanS2VGenerator.from_pretrained(wan_dir, device="cpu", options=VideoPathOptions(cfg_batch="off"))
     calls: list[dict] = []
     official = engine.transformer.forward
 
@@ -216,8 +221,10 @@ def test_distributed_job_gives_the_same_video_as_one_rank(pool, tiny_models, tmp
     got = pool.handle(job)
     assert "error" not in got, got
     assert got["parallel"]["ranks"] == 2 and got["parallel"]["mode"] == "cfg"
-    # steps=2, one clip, guidance > 1: two forwards per step, all run on both ranks
-    assert got["parallel"]["dit_forwards"] == 4
+    # steps=2, one clip, guidance > 1: the exact path batches both guidance branches into
+    # one forward per step (the cfg mode splits that batch over the two ranks)
+    assert got["engine"]["cfg_batched_clips"] == 1, got["engine"]
+    assert got["parallel"]["dit_forwards"] == 2
     stages = [e["stage"] for j, e in pool.events if j["id"] == "same-1"]
     assert stages[0] == "inputs" and "video_clips" in stages  # progress crossed the process boundary
     single = Worker.from_settings(_settings(tiny_models, tmp_path / "one")).handle(job)

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from storystudio.models.video_generator import VideoRequest, WanS2VGenerator
+from storystudio.models.video_path import VideoPathOptions
 from storystudio.patches import wan22
 
 
@@ -125,14 +126,32 @@ def wan_gen(tiny_models) -> WanS2VGenerator:
     return WanS2VGenerator.from_pretrained(tiny_models[1], device="cpu")
 
 
-@pytest.mark.parametrize("guidance", [4.5, 1.0], ids=["cfg", "no-cfg"])
-def test_fork_matches_official_generate(wan_gen, tmp_path, monkeypatch, guidance):
+# Which engine paths must match the official loop, and over which frames. The baseline
+# (two forwards, default attention, full clips) and the exact path with full clips (CFG
+# batched, self-checked attention) compute the same math: every frame must match. The
+# exact path's trimmed last clip draws noise of another shape, so only the clips before it
+# can match; the trimmed clip itself is covered by tests/test_video_exact.py.
+PATHS = {
+    "baseline": (VideoPathOptions.baseline(), "all"),
+    "exact-full-clips": (VideoPathOptions(cfg_batch="on", trim_last_clip=False), "all"),
+    "exact": (VideoPathOptions(cfg_batch="on"), "before-last-clip"),
+}
+
+
+_OFFICIAL: dict[tuple[float, int], np.ndarray] = {}  # (guidance, clips) -> frames: one official run per key
+
+
+@pytest.mark.parametrize(("guidance", "path"), [(4.5, "exact-full-clips"), (4.5, "exact"), (1.0, "baseline")],
+                         ids=["cfg-exact-full-clips", "cfg-exact", "no-cfg-baseline"])
+def test_fork_matches_official_generate(wan_gen, tmp_path, monkeypatch, guidance, path):
+    options, compare = PATHS[path]
+    monkeypatch.setattr(wan_gen, "options", options)  # read at every generate: no reload
     s2v = _import_official_speech2video(monkeypatch)
     official = _official(wan_gen, s2v)
 
     rng = np.random.RandomState(3)
     image = Image.fromarray((rng.rand(96, 80, 3) * 255).astype(np.uint8))  # portrait: Resize + CenterCrop work
-    audio = (rng.randn(int(16000 * 2.5)) * 0.1).astype(np.float32)
+    audio = (rng.randn(int(16000 * 2.0)) * 0.1).astype(np.float32)  # 32 frames: clips 16+16+4 (exact), official 2
     image_path, audio_path = tmp_path / "ref.png", tmp_path / "speech.wav"
     image.save(image_path)
     sf.write(audio_path, audio, 16000, subtype="FLOAT")
@@ -141,20 +160,38 @@ def test_fork_matches_official_generate(wan_gen, tmp_path, monkeypatch, guidance
     ours = wan_gen.generate(VideoRequest(image=image, audio=audio, prompt=prompt, max_area=area, steps=steps,
                                          guidance=guidance, shift=shift, seed=seed, infer_frames=infer_frames))
     assert ours.num_clips >= 2, "at least one clip must start from the previous clip's motion frames"
+    if guidance > 1:
+        assert ours.engine["cfg_batched_clips"] == ours.num_clips or options.cfg_batch == "off"
+    if compare == "before-last-clip":
+        assert ours.engine["clip_frames"][-1] < infer_frames, "the exact path must trim this last clip"
 
+    key = (guidance, ours.num_clips)
+    if key not in _OFFICIAL:
+        _OFFICIAL[key] = _run_official(official, prompt, image_path, audio_path, ours.num_clips, area,
+                                       infer_frames, shift, steps, guidance, seed)
+    theirs = _OFFICIAL[key]
+    _check(theirs, ours, wan_gen, compare, infer_frames)
+
+
+def _run_official(official, prompt, image_path, audio_path, clips, area, infer_frames, shift, steps, guidance,
+                  seed) -> np.ndarray:
     with torch.no_grad():
         video = official.generate(
             input_prompt=prompt, ref_image_path=str(image_path), audio_path=str(audio_path), enable_tts=False,
-            tts_prompt_audio=None, tts_prompt_text=None, tts_text=None, num_repeat=ours.num_clips,
+            tts_prompt_audio=None, tts_prompt_text=None, tts_text=None, num_repeat=clips,
             pose_video=None, max_area=area, infer_frames=infer_frames, shift=shift, sample_solver="unipc",
             sampling_steps=steps, guide_scale=guidance, n_prompt="", seed=seed, offload_model=False,
         )  # [3, T, H, W] in [-1, 1]
-    theirs = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
+
+def _check(theirs: np.ndarray, ours, wan_gen: WanS2VGenerator, compare: str, infer_frames: int) -> None:
     # The official loop stops at the clips the audio embedding covers; the fork pads the
     # embedding with zeros for a last partial clip. Both must cover two clips or more.
     n = min(len(theirs), len(ours.frames))
     assert n >= infer_frames - 3 + infer_frames, (len(theirs), len(ours.frames))
+    if compare == "before-last-clip":  # frames of every clip but the last (the first loses its drop frames)
+        n = sum(ours.engine["clip_frames"][:-1]) - (3 if wan_gen.drop_first_motion else 0)
     assert theirs.shape[1:] == ours.frames.shape[1:] == (ours.height, ours.width, 3)
     diff = np.abs(theirs[:n].astype(np.int16) - ours.frames[:n].astype(np.int16))
     assert diff.max() <= 1, f"fork drifted from the official generate: max |diff| {diff.max()}, mean {diff.mean():.3f}"
