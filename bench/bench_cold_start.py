@@ -394,7 +394,7 @@ def child_compare(args) -> dict:
 
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # "cuda" has no index
         torch.empty(1, device=device)  # the context is not part of any loader's time
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Imports and class construction are not part of any loader's time: pay them once here.
@@ -569,14 +569,23 @@ def main(argv: list[str] | None = None) -> int:
         res["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     except OSError:
         res["transparent_hugepage"] = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{res['date']}-{res['gpu']}-cold-start.json"
+
+    def save_partial(phase: str) -> None:
+        """A run cut off by a time limit still leaves every phase it finished."""
+        path.write_text(json.dumps({**res, "partial": True, "finished_phases": phase}, indent=2, default=str))
+
     drop_cache(weight_files(args.zimage_dir) + weight_files(args.wan_dir))
     res["worker_start_resident_fraction"] = resident_fraction(weight_files(args.zimage_dir) + weight_files(args.wan_dir))
     res.update(spawn(args, "worker"))
+    save_partial("worker")
     for name in ("image", "video"):
         load = spawn(args, "load", ["--set", name])
         res[f"load_{name}_set_cold_s"] = load["cold_s"]
         res[f"load_{name}_set_cached_s"] = load["cached_s"]
         res[f"load_{name}_set_detail"] = load
+        save_partial(f"worker, load {name}")
     if not args.skip_compare:
         res.update(spawn(args, "compare"))
         timed_rows = [r for r in res["loader_comparison"] if r["files"] == "wan_dit" and "cold_s" in r]
@@ -586,8 +595,6 @@ def main(argv: list[str] | None = None) -> int:
         "first_swap_fresh_worker_le_1_5_s": res["first_swap_fresh_worker_s"] <= 1.5,
         "first_image_le_1_5x_steady": res["first_image_s"] <= 1.5 * res["steady_image_s"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{res['date']}-{res['gpu']}-cold-start.json"
     path.write_text(json.dumps(res, indent=2, default=str))
     print(table(res))
     print(f"wrote {path}")

@@ -90,6 +90,8 @@ def init_cuda(device: torch.device) -> float:
             f"CUDA is not usable{reason or ' (no device visible, or the NVIDIA driver is missing or too old)'}; "
             f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
         )
+    if device.index is None:  # "cuda" means the current device; set_device wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # creates the primary context

@@ -111,3 +111,26 @@ def test_the_worker_always_swaps_on_a_card_that_holds_one_set(tiny_models, tmp_p
     big = Worker.from_settings(settings_for(tiny_models, tmp_path, vram_reserve_gib=0.0),
                                gpu=GpuFacts("Big GPU", 200 * GiB))
     assert big.preflight.policy == "keep-both" and not big.manager.exclusive
+
+
+def test_init_cuda_accepts_a_device_without_index(monkeypatch):
+    """``STORYSTUDIO_DEVICE=cuda`` (no index) is the default: ``torch.cuda.set_device`` refuses
+    a device without an index, which failed every worker's start on the H100. The CUDA calls
+    are faked here (no GPU on CI); ``set_device`` refuses an index-less device as torch does."""
+    from storystudio import preflight
+
+    calls = []
+
+    def set_device(dev):
+        if isinstance(dev, torch.device) and dev.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{dev}")
+        calls.append(dev)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: calls.append(("sync", dev)))
+    monkeypatch.setattr(preflight.torch, "empty", lambda *a, device=None, **k: calls.append(("empty", device)))
+    assert preflight.init_cuda(torch.device("cuda")) >= 0
+    assert calls[0] == torch.device("cuda", 0)
+    assert calls[1] == ("empty", torch.device("cuda", 0))
