@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from storystudio.errors import StoryStudioError
@@ -46,6 +47,8 @@ _FETCH_THREADS = 4
 def _scene_error(exc: BaseException, stage: str) -> dict[str, str]:
     if isinstance(exc, StoryStudioError):
         return {**exc.to_result(), "stage": stage}
+    if isinstance(exc, torch.OutOfMemoryError):  # the manager reports its own; this is one from outside it
+        return {"error": f"out_of_memory: {exc}", "code": "out_of_memory", "stage": stage}
     logger.exception("unexpected failure in %s stage", stage, exc_info=exc)
     return {"error": f"internal error during {stage}: {type(exc).__name__}: {exc}", "code": "internal_error", "stage": stage}
 

@@ -283,6 +283,9 @@ class Worker:
         except StoryStudioError as exc:
             logger.warning("job %s failed: %s (%s)", job_id, exc.message, exc.code)
             return {**exc.to_result(), "job_id": job_id}
+        except torch.OutOfMemoryError as exc:  # the manager reports its own; this is one from outside it
+            logger.warning("job %s ran out of GPU memory outside the model manager: %s", job_id, exc)
+            return {"error": f"out_of_memory: {exc}", "code": "out_of_memory", "job_id": job_id}
         except Exception as exc:  # noqa: BLE001 - the worker must survive anything a job does
             logger.exception("job %s crashed", job_id)
             return {"error": f"internal_error: {type(exc).__name__}: {exc}", "code": "internal_error", "job_id": job_id}

@@ -217,6 +217,20 @@ def device_budget_bytes(device: torch.device, *, override_gib: float | None, res
     return int(total - reserve_gib * GiB)
 
 
+def measured_free_bytes(device: torch.device) -> int | None:
+    """Device memory a new allocation can get now, measured: ``None`` off CUDA.
+
+    ``torch.cuda.mem_get_info`` sees what the driver has free (other processes, the
+    CUDA context, cuBLAS workspaces and fragmentation included, which bookkeeping of
+    weights cannot see); blocks PyTorch's caching allocator holds but does not use are
+    free for this process too, so they are added back.
+    """
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 class ModelManager:
     """Keeps the needed model set in VRAM and parks others in pinned host memory.
 
@@ -237,6 +251,7 @@ class ModelManager:
         host_headroom_gib: float = 8.0,
         host_memory: Callable[[], HostMemory] = read_host_memory,
         read_threads: int = READ_THREADS,
+        free_memory: Callable[[torch.device], int | None] = measured_free_bytes,
     ) -> None:
         """``exclusive``: always park the other sets whole (cards that cannot hold both).
         ``host_headroom_gib``: host RAM never given to parking buffers (the jobs' own
@@ -248,6 +263,8 @@ class ModelManager:
         self.exclusive = exclusive
         self.host_headroom_bytes = int(host_headroom_gib * GiB)
         self._host_memory = host_memory
+        self._free_memory = free_memory
+        self.reserve_bytes = int(reserve_gib * GiB)
         self.read_threads = read_threads
         self._staging: StagingRing | None = None
         self._sets: dict[str, _ModelSet] = {}
@@ -303,9 +320,19 @@ class ModelManager:
         ``working_bytes`` is the activation memory the coming job needs; room for it
         is made too, so a 720p video may push out more of the other set than a 480p one.
         Components named in ``idle`` are not needed by the coming job: they are not
-        restored, and they are parked first when room is needed.
+        restored, and they are parked first when room is needed. A CUDA OOM while
+        restoring or loading is retried once with everything else parked, then
+        reported as :class:`GenerationError` ``out_of_memory``.
         """
         idle = frozenset(idle)
+        with self._lock:
+            return self._with_oom_retry(
+                name, idle, lambda: self._ensure(name, working_bytes=working_bytes, idle=idle),
+                what=lambda: f"GPU out of memory while making model set {name} resident",
+            )
+
+    def _ensure(self, name: str, *, working_bytes: int, idle: frozenset[str]) -> Any:
+        """:meth:`ensure` without the OOM handling (a raw ``torch.OutOfMemoryError`` escapes)."""
         with self._lock:
             ms = self._get(name)
             self._clock += 1
@@ -339,33 +366,65 @@ class ModelManager:
         """Run ``fn(engine)`` with the set resident; on CUDA OOM park everything else and retry once.
 
         ``idle``: components of this set the job does not need (see :meth:`ensure`).
-        A second OOM fails the job with ``out_of_memory`` and leaves the worker
-        usable: caches are emptied and no set is left half-moved.
+        An OOM while making the set resident counts as the first attempt too. A second
+        OOM fails the job with ``out_of_memory`` and leaves the worker usable: caches
+        are emptied and no set is left half-moved.
         """
         idle = frozenset(idle)
+        in_job = [False]  # where the last attempt was: making the set resident, or the job itself
+
+        def attempt() -> _T:
+            in_job[0] = False
+            engine = self._ensure(name, working_bytes=working_bytes, idle=idle)
+            in_job[0] = True
+            return fn(engine)
+
         with self._lock:
-            engine = self.ensure(name, working_bytes=working_bytes, idle=idle)
-            try:
-                return fn(engine)
-            except torch.OutOfMemoryError as first:
-                logger.warning("out of memory in %s (%s); parking every other set and retrying once", name, first)
-                self._oom_retries += 1
-                self._free_cuda_cache()
-                self.park_all(except_name=name)
-                for comp in self._get(name).components:
-                    if comp.on_device and comp.name in idle:
-                        self._park(comp)
-                self._free_cuda_cache()
-                engine = self.ensure(name, working_bytes=working_bytes, idle=idle)
-                try:
-                    return fn(engine)
-                except torch.OutOfMemoryError as second:
-                    self._free_cuda_cache()
-                    raise GenerationError(
-                        f"GPU out of memory in {name} even with every other model parked: {second}. "
-                        "Use a lower resolution or fewer frames per clip.",
-                        code="out_of_memory",
-                    ) from None
+            return self._with_oom_retry(
+                name, idle, attempt,
+                what=lambda: f"GPU out of memory in {name}" if in_job[0]
+                else f"GPU out of memory while making model set {name} resident",
+            )
+
+    def _with_oom_retry(self, name: str, idle: frozenset[str], attempt: Callable[[], _T], *,
+                        what: Callable[[], str]) -> _T:
+        """``attempt()``; after a CUDA OOM, once more with every other set (and this job's idle parts) parked.
+
+        The retry runs *after* leaving the ``except`` block, never inside it: while an
+        exception is being handled, it and its traceback are alive, and the traceback
+        holds every frame of the failed attempt with their locals — the activations
+        that ran out of memory. Retrying inside the block starts with all of them
+        still allocated, so the retry of a job that only just failed to fit fails too.
+        Only the message is kept; ``gc.collect`` (in :meth:`_free_cuda_cache`) then
+        breaks the cycles that frames and tracebacks form, and ``empty_cache`` hands
+        the freed blocks back before anything is parked or restored.
+        """
+        first: str | None = None
+        try:
+            return attempt()
+        except torch.OutOfMemoryError as exc:
+            first = str(exc)
+            del exc
+        logger.warning("out of memory in %s (%s); parking every other set and retrying once", name, first)
+        self._oom_retries += 1
+        self._free_cuda_cache()
+        self.park_all(except_name=name)
+        for comp in self._get(name).components:
+            if comp.on_device and comp.name in idle:
+                self._park(comp)
+        self._free_cuda_cache()
+        second: str | None = None
+        try:
+            return attempt()
+        except torch.OutOfMemoryError as exc:
+            second = str(exc)
+            del exc
+        self._free_cuda_cache()
+        raise GenerationError(
+            f"{what()} even with every other model parked: {second}. "
+            "Use a lower resolution or fewer frames per clip.",
+            code="out_of_memory",
+        )
 
     def park(self, name: str) -> None:
         """Park every component of one set (no-op for sets not loaded)."""
@@ -456,10 +515,14 @@ class ModelManager:
         return sum(ms.device_bytes() for ms in self._sets.values())
 
     def _make_room(self, target: _ModelSet, need: int) -> None:
-        """Park the fewest bytes of least-recently-used sets so that ``need`` more fits."""
-        if self.budget_bytes is None:
-            return
-        deficit = self._device_bytes() + need - self.budget_bytes
+        """Park the fewest bytes of least-recently-used sets so that ``need`` more fits.
+
+        Two checks, the larger deficit wins: the bookkeeping (weights on the device plus
+        ``need`` against the budget) and the measured free memory (``need`` plus the
+        reserve against what the device has free now), which also sees memory the
+        bookkeeping cannot: other processes, leftovers of a failed job, fragmentation.
+        """
+        deficit = self._deficit(need)
         if deficit <= 0:
             return  # nothing moves, so there is nothing to synchronise or give back
         # The target's own idle components first: the coming job does not read them.
@@ -485,6 +548,16 @@ class ModelManager:
             deficit -= victim.nbytes
         self._sync()
         self._free_cuda_cache()
+
+    def _deficit(self, need: int) -> int:
+        """Bytes that must leave the device so that ``need`` more fits (<= 0: it fits already)."""
+        book = -1 if self.budget_bytes is None else self._device_bytes() + need - self.budget_bytes
+        free = self._free_memory(self.device)
+        measured = -1 if free is None or need <= 0 else need + self.reserve_bytes - free
+        if measured > 0 and measured > book:
+            logger.info("measured free memory %.2f GiB is less than the bookkeeping assumes: %.2f GiB more to park",
+                        (free or 0) / GiB, (measured - max(book, 0)) / GiB)
+        return max(book, measured)
 
     @staticmethod
     def _pick_victim(comps: list[_Component], deficit: int) -> _Component:
