@@ -19,12 +19,14 @@ SOLVERS = ("unipc", "dpm++")
 # ------------------------------------------------------------------ every task
 SEED_MAX = 2**63 - 1
 PROMPT_MAX_CHARS = 4000
+NON_BLANK = r"\S"  # a prompt the image engine takes holds one non-whitespace character (JSON Schema: unanchored)
 ID_MAX_CHARS = 128  # project_id, scene_id
 SOURCE_MAX_CHARS = 80_000_000  # a URL, data URI or base64 string
 SCENES_MAX = 200
 AUDIO_START_MAX_S = 86_400.0
 AUDIO_DURATION_MAX_S = 3_600.0
 AUDIO_MIN_SAMPLES = 400  # at 16 kHz: wav2vec2's receptive field (25 ms)
+AUDIO_DURATION_MIN_S = AUDIO_MIN_SAMPLES / SPEECH_SAMPLE_RATE  # a shorter trim can never reach the engine's minimum
 
 # ------------------------------------------------------------------ image (Z-Image-Turbo)
 IMAGE_SIZE_MIN = 256

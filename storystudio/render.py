@@ -102,7 +102,7 @@ def render_image(
     progress: Progress | None = None,
 ) -> RenderedImage:
     """Generate, encode as PNG and store one Z-Image picture."""
-    from storystudio.models.image_generator import ImageRequest
+    from storystudio.models.image_generator import ImageRequest, validate_image_request
 
     timer = Timer()
     req = ImageRequest(
@@ -114,6 +114,7 @@ def render_image(
         guidance=params.guidance,
         seed=seed,
     )
+    validate_image_request(req)  # before any model moves: a refused request costs milliseconds, not a swap
     t = time.perf_counter()
     out = ctx.manager.run(
         IMAGE_SET,
@@ -162,7 +163,7 @@ def render_video(
 ) -> dict[str, Any]:
     """Generate a talking video for ``audio`` and store it as MP4 with that audio as AAC."""
     from storystudio.models import speed
-    from storystudio.models.video_generator import VideoRequest
+    from storystudio.models.video_generator import VideoRequest, validate_video_request
 
     timer = Timer()
     t = time.perf_counter()
@@ -183,6 +184,7 @@ def render_video(
         seed=seed,
         speed=plan,
     )
+    validate_video_request(req)  # before any model moves (e.g. audio decoded shorter than the engine's minimum)
     t = timer.add("audio_prepare", t)
     out = speed.run_video(
         ctx.manager, VIDEO_SET, req, working_bytes=video_working_bytes(params.area, params.infer_frames),

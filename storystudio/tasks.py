@@ -1,7 +1,10 @@
 """Job input schemas: the worker's public contract with the story app.
 
-Defaults, limits and unknown-field rejection live here, so a bad request fails in
+Defaults and unknown-field rejection live here, so a bad request fails in
 milliseconds with ``invalid_input`` / ``unknown_task`` before any model is touched.
+Every bound is a constant of :mod:`storystudio.limits`, the same one the engines'
+request checks use, so a request the schema accepts is one the engine accepts
+(``tests/test_limits.py`` probes both sides of every bound).
 This module imports no runner, engine or torch (the router is
 :func:`storystudio.worker.route`), so the backend client can validate jobs cheaply.
 
@@ -143,12 +146,12 @@ class VideoParams(_Strict):
 
 class AudioTrim(_Strict):
     audio_start: float | None = Field(None, ge=0.0, le=L.AUDIO_START_MAX_S)
-    audio_duration: float | None = Field(None, gt=0.0, le=L.AUDIO_DURATION_MAX_S)
+    audio_duration: float | None = Field(None, ge=L.AUDIO_DURATION_MIN_S, le=L.AUDIO_DURATION_MAX_S)
 
 
 class ImageTask(ImageParams):
     task: Literal["image"]
-    prompt: Annotated[str, Field(min_length=1, max_length=L.PROMPT_MAX_CHARS)]
+    prompt: Annotated[str, Field(min_length=1, max_length=L.PROMPT_MAX_CHARS, pattern=L.NON_BLANK)]
     seed: Seed | None = None
     return_base64: bool = Field(False, description="also return the PNG inline when it is small enough")
 

@@ -55,6 +55,35 @@ class ImageResult:
     seconds: float
 
 
+def validate_image_request(request: ImageRequest, *, multiple: int = L.IMAGE_SIZE_MULTIPLE) -> None:
+    """Refuse a request the pipeline cannot run, before any model moves (render.py calls it first).
+
+    Bounds from :mod:`storystudio.limits`, as in the job schema; ``multiple`` is the loaded pipeline's
+    pixel multiple (vae_scale_factor * patch size), :data:`~storystudio.limits.IMAGE_SIZE_MULTIPLE` for
+    the official checkpoint.
+    """
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        raise InvalidInput("prompt must be a non-empty string")
+    if not isinstance(request.negative_prompt, str):
+        raise InvalidInput("negative_prompt must be a string")
+    m = multiple
+    for field in ("width", "height"):
+        v = getattr(request, field)
+        if not is_int(v):
+            raise InvalidInput(f"{field} must be an integer, got {v!r}")
+        if not L.IMAGE_SIZE_MIN <= v <= L.IMAGE_SIZE_MAX:
+            raise InvalidInput(f"{field} must be between {L.IMAGE_SIZE_MIN} and {L.IMAGE_SIZE_MAX}, got {v}")
+        if v % m:
+            raise InvalidInput(f"{field} must be a multiple of {m}, got {v}")
+    if not is_int(request.steps) or not 1 <= request.steps <= L.IMAGE_STEPS_MAX:
+        raise InvalidInput(f"steps must be an integer between 1 and {L.IMAGE_STEPS_MAX}, got {request.steps!r}")
+    g = request.guidance
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= L.IMAGE_GUIDANCE_MAX:
+        raise InvalidInput(f"guidance must be a number between 0 and {L.IMAGE_GUIDANCE_MAX}, got {g!r}")
+    if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
+        raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
+
+
 class ZImageGenerator:
     """Text-to-image with Z-Image-Turbo. Build with :meth:`from_pretrained`."""
 
@@ -179,26 +208,7 @@ class ZImageGenerator:
 
     # ------------------------------------------------------------------ generation
     def validate(self, request: ImageRequest) -> None:
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
-            raise InvalidInput("prompt must be a non-empty string")
-        if not isinstance(request.negative_prompt, str):
-            raise InvalidInput("negative_prompt must be a string")
-        m = self.vae_scale
-        for field in ("width", "height"):
-            v = getattr(request, field)
-            if not is_int(v):
-                raise InvalidInput(f"{field} must be an integer, got {v!r}")
-            if not L.IMAGE_SIZE_MIN <= v <= L.IMAGE_SIZE_MAX:
-                raise InvalidInput(f"{field} must be between {L.IMAGE_SIZE_MIN} and {L.IMAGE_SIZE_MAX}, got {v}")
-            if v % m:
-                raise InvalidInput(f"{field} must be a multiple of {m}, got {v}")
-        if not is_int(request.steps) or not 1 <= request.steps <= L.IMAGE_STEPS_MAX:
-            raise InvalidInput(f"steps must be an integer between 1 and {L.IMAGE_STEPS_MAX}, got {request.steps!r}")
-        g = request.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= L.IMAGE_GUIDANCE_MAX:
-            raise InvalidInput(f"guidance must be a number between 0 and {L.IMAGE_GUIDANCE_MAX}, got {g!r}")
-        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
-            raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
+        validate_image_request(request, multiple=self.vae_scale)
 
     def generate(
         self,

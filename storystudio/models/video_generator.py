@@ -209,6 +209,55 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def validate_video_request(request: VideoRequest) -> None:
+    """Refuse a request this engine cannot run, before any model moves (render.py calls it first).
+
+    Every bound is a constant of :mod:`storystudio.limits`, the same ones the job schema uses; what the
+    schema cannot see (the decoded audio's length, the pose video) is checked only here.
+    """
+    if not isinstance(request.image, Image.Image):
+        raise InvalidInput("image must be a PIL image")
+    if min(request.image.size) < 1:
+        raise InvalidInput("image is empty")
+    a = request.audio
+    if not isinstance(a, np.ndarray) or a.ndim != 1:
+        raise InvalidInput("audio must be a 1-D float array (mono, 16 kHz)")
+    if a.size < L.AUDIO_MIN_SAMPLES:
+        raise InvalidInput(f"audio is too short: {a.size} samples, need at least {L.AUDIO_MIN_SAMPLES} (25 ms)")
+    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+        raise InvalidInput("audio must hold finite float samples")
+    if not isinstance(request.prompt, str):
+        raise InvalidInput("prompt must be a string")
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise InvalidInput("negative_prompt must be a string or null")
+    if request.max_area is None and request.resolution not in L.RESOLUTIONS:
+        raise InvalidInput(f"resolution must be one of {', '.join(L.RESOLUTIONS)}, got {request.resolution!r}")
+    if request.max_area is not None and (not is_int(request.max_area)
+                                         or not L.VIDEO_AREA_MIN <= request.max_area <= L.VIDEO_AREA_MAX):
+        raise InvalidInput(f"max_area must be an integer between {L.VIDEO_AREA_MIN} and {L.VIDEO_AREA_MAX}, "
+                           f"got {request.max_area!r}")
+    f = request.infer_frames
+    if not is_int(f) or not L.INFER_FRAMES_MIN <= f <= L.INFER_FRAMES_MAX or f % L.INFER_FRAMES_MULTIPLE:
+        raise InvalidInput(f"infer_frames must be a multiple of {L.INFER_FRAMES_MULTIPLE} between "
+                           f"{L.INFER_FRAMES_MIN} and {L.INFER_FRAMES_MAX}, got {f!r}")
+    if not is_int(request.steps) or not 1 <= request.steps <= L.VIDEO_STEPS_MAX:
+        raise InvalidInput(f"steps must be an integer between 1 and {L.VIDEO_STEPS_MAX}, got {request.steps!r}")
+    if not _is_num(request.guidance) or not 0 <= request.guidance <= L.VIDEO_GUIDANCE_MAX:
+        raise InvalidInput(f"guidance must be a number between 0 and {L.VIDEO_GUIDANCE_MAX}, got {request.guidance!r}")
+    if not _is_num(request.shift) or not 0 < request.shift <= L.VIDEO_SHIFT_MAX:
+        raise InvalidInput(f"shift must be a number in (0, {L.VIDEO_SHIFT_MAX:g}], got {request.shift!r}")
+    if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
+        raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
+    if request.solver not in L.SOLVERS:
+        raise InvalidInput(f"solver must be one of {', '.join(L.SOLVERS)}, got {request.solver!r}")
+    p = request.pose_frames
+    if p is not None:
+        if not isinstance(p, np.ndarray) or p.ndim != 4 or p.shape[-1] != 3 or p.shape[0] < 1:
+            raise InvalidInput("pose_frames must be a uint8 array [T, H, W, 3] with T >= 1")
+        if p.dtype != np.uint8:
+            raise InvalidInput(f"pose_frames must be uint8, got {p.dtype}")
+
+
 # ----------------------------------------------------------- official helpers
 
 
@@ -461,47 +510,7 @@ class WanS2VGenerator:
 
     # ------------------------------------------------------------------ validation
     def validate(self, request: VideoRequest) -> None:
-        if not isinstance(request.image, Image.Image):
-            raise InvalidInput("image must be a PIL image")
-        if min(request.image.size) < 1:
-            raise InvalidInput("image is empty")
-        a = request.audio
-        if not isinstance(a, np.ndarray) or a.ndim != 1:
-            raise InvalidInput("audio must be a 1-D float array (mono, 16 kHz)")
-        if a.size < L.AUDIO_MIN_SAMPLES:
-            raise InvalidInput(f"audio is too short: {a.size} samples, need at least {L.AUDIO_MIN_SAMPLES} (25 ms)")
-        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-            raise InvalidInput("audio must hold finite float samples")
-        if not isinstance(request.prompt, str):
-            raise InvalidInput("prompt must be a string")
-        if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
-            raise InvalidInput("negative_prompt must be a string or null")
-        if request.max_area is None and request.resolution not in L.RESOLUTIONS:
-            raise InvalidInput(f"resolution must be one of {', '.join(L.RESOLUTIONS)}, got {request.resolution!r}")
-        if request.max_area is not None and (not is_int(request.max_area)
-                                             or not L.VIDEO_AREA_MIN <= request.max_area <= L.VIDEO_AREA_MAX):
-            raise InvalidInput(f"max_area must be an integer between {L.VIDEO_AREA_MIN} and {L.VIDEO_AREA_MAX}, "
-                               f"got {request.max_area!r}")
-        f = request.infer_frames
-        if not is_int(f) or not L.INFER_FRAMES_MIN <= f <= L.INFER_FRAMES_MAX or f % L.INFER_FRAMES_MULTIPLE:
-            raise InvalidInput(f"infer_frames must be a multiple of {L.INFER_FRAMES_MULTIPLE} between "
-                               f"{L.INFER_FRAMES_MIN} and {L.INFER_FRAMES_MAX}, got {f!r}")
-        if not is_int(request.steps) or not 1 <= request.steps <= L.VIDEO_STEPS_MAX:
-            raise InvalidInput(f"steps must be an integer between 1 and {L.VIDEO_STEPS_MAX}, got {request.steps!r}")
-        if not _is_num(request.guidance) or not 0 <= request.guidance <= L.VIDEO_GUIDANCE_MAX:
-            raise InvalidInput(f"guidance must be a number between 0 and {L.VIDEO_GUIDANCE_MAX}, got {request.guidance!r}")
-        if not _is_num(request.shift) or not 0 < request.shift <= L.VIDEO_SHIFT_MAX:
-            raise InvalidInput(f"shift must be a number in (0, {L.VIDEO_SHIFT_MAX:g}], got {request.shift!r}")
-        if request.seed is not None and (not is_int(request.seed) or not 0 <= request.seed <= L.SEED_MAX):
-            raise InvalidInput(f"seed must be an integer between 0 and {L.SEED_MAX}, got {request.seed!r}")
-        if request.solver not in L.SOLVERS:
-            raise InvalidInput(f"solver must be one of {', '.join(L.SOLVERS)}, got {request.solver!r}")
-        p = request.pose_frames
-        if p is not None:
-            if not isinstance(p, np.ndarray) or p.ndim != 4 or p.shape[-1] != 3 or p.shape[0] < 1:
-                raise InvalidInput("pose_frames must be a uint8 array [T, H, W, 3] with T >= 1")
-            if p.dtype != np.uint8:
-                raise InvalidInput(f"pose_frames must be uint8, got {p.dtype}")
+        validate_video_request(request)
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
