@@ -8,6 +8,15 @@ while the images render, so the video phase never waits on the network.
 
 A scene that fails (bad audio URL, undecodable image, out of memory) gets an
 ``error`` entry with a stable code; the other scenes still complete.
+
+Crashes and deadlines: every image and video is stored the moment it is done and
+recorded in the story's manifest (:mod:`storystudio.manifest`), and a progress
+update carries the scene's URLs, so a worker killed mid-batch loses at most the
+piece in flight. With ``"resume": true`` the scenes whose inputs are unchanged are
+taken from storage (``reused: true``) and the video set is not even loaded if no
+video is left to render. Before each piece the job's time budget is checked
+(:mod:`storystudio.deadline`): what cannot finish in time is marked
+``deadline_exceeded`` and the batch returns what is done.
 """
 
 from __future__ import annotations
@@ -15,15 +24,17 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from storystudio.deadline import Deadline, image_units, video_units
 from storystudio.errors import StoryStudioError
-from storystudio.media import AudioClip
+from storystudio.manifest import Manifest, Part, image_hash, story_segment, video_hash
+from storystudio.media import AudioClip, load_image
 from storystudio.models import speed
 from storystudio.models.footprint import video_working_bytes
 from storystudio.progress import ProgressReporter
@@ -31,9 +42,9 @@ from storystudio.render import (
     VIDEO_FPS,
     VIDEO_SET,
     RenderContext,
-    fetch_audio,
-    fetch_image,
-    fetch_pose_frames,
+    fetch_audio_hashed,
+    fetch_image_hashed,
+    fetch_pose_frames_hashed,
     render_image,
     render_video,
 )
@@ -55,12 +66,24 @@ def _scene_error(exc: BaseException, stage: str) -> dict[str, str]:
 
 @dataclass
 class _Fetches:
-    """Downloads started before the image phase: every scene's audio, the given images
-    and the pose videos."""
+    """Downloads started before the image phase: every scene's audio, the given images and the pose
+    videos, each with the sha256 of its bytes (the scene hashes of storystudio/manifest.py)."""
 
-    audio: dict[str, Future[AudioClip]]
-    images: dict[str, Future[Image.Image]]
-    poses: dict[str, Future[np.ndarray]] = field(default_factory=dict)
+    audio: dict[str, Future[tuple[AudioClip, str]]]
+    images: dict[str, Future[tuple[Image.Image, str]]]
+    poses: dict[str, Future[tuple[np.ndarray, str]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Story:
+    """What the phases share: the results so far, the pictures, the manifest and the deadline."""
+
+    task: BatchTask
+    results: dict[str, dict[str, Any]]
+    manifest: Manifest
+    deadline: Deadline
+    pictures: dict[str, Image.Image | None] = field(default_factory=dict)  # None: reused, not needed
+    image_hashes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,17 +99,17 @@ def fetch(ctx: RenderContext, scenes: list[Scene], pool: ThreadPoolExecutor) -> 
     """Start every audio, given-image and pose-video download on ``pool``; don't wait."""
     return _Fetches(
         audio={
-            s.scene_id: pool.submit(fetch_audio, ctx, s.audio, s, field_name=f"scenes[{i}].audio")  # type: ignore[misc]
+            s.scene_id: pool.submit(fetch_audio_hashed, ctx, s.audio, s, field_name=f"scenes[{i}].audio")  # type: ignore[misc]
             for i, s in enumerate(scenes)
         },
         images={
-            s.scene_id: pool.submit(fetch_image, ctx, s.image, field_name=f"scenes[{i}].image")  # type: ignore[misc]
+            s.scene_id: pool.submit(fetch_image_hashed, ctx, s.image, field_name=f"scenes[{i}].image")  # type: ignore[misc]
             for i, s in enumerate(scenes)
             if s.image
         },
         poses={
             s.scene_id: pool.submit(  # type: ignore[misc]
-                fetch_pose_frames, ctx, s.pose_video, fps=VIDEO_FPS, field_name=f"scenes[{i}].pose_video"
+                fetch_pose_frames_hashed, ctx, s.pose_video, fps=VIDEO_FPS, field_name=f"scenes[{i}].pose_video"
             )
             for i, s in enumerate(scenes)
             if s.pose_video
@@ -94,51 +117,119 @@ def fetch(ctx: RenderContext, scenes: list[Scene], pool: ThreadPoolExecutor) -> 
     )
 
 
-def images(ctx: RenderContext, task: BatchTask, fetches: _Fetches, results: dict[str, dict[str, Any]],
-           progress: ProgressReporter) -> dict[str, Image.Image]:
-    """Phase 1 (Z-Image resident): each scene's picture, given or generated, in scene order.
+def _urls(ctx: RenderContext, result: dict[str, Any]) -> dict[str, str]:
+    return {k: result[k] for k in ("image_url", "video_url") if k in result}
 
-    A scene whose image fails gets an ``error`` (stage ``image``) and has no picture.
+
+def _reuse_image(ctx: RenderContext, story: _Story, sid: str, ihash: str) -> bool:
+    """Take the scene's picture from storage if the manifest has it from the same inputs."""
+    part = story.manifest.part(sid, "image", ihash)
+    if part is None:
+        return False
+    try:
+        png = ctx.storage.get_bytes(part.key)
+        picture = load_image(png) if png is not None else None
+    except StoryStudioError as exc:
+        logger.warning("stored image of scene %s cannot be reused (%s); rendering it again", sid, exc.message)
+        return False
+    if picture is None:
+        return False
+    story.pictures[sid] = picture
+    story.results[sid].update(part.result, image_url=ctx.storage.url(part.key), image_reused=True)
+    return True
+
+
+def images(ctx: RenderContext, story: _Story, fetches: _Fetches, progress: ProgressReporter) -> None:
+    """Phase 1 (Z-Image resident): each scene's picture, given, reused or generated, in scene order.
+
+    A scene whose image fails gets an ``error`` (stage ``image``) and has no picture;
+    one that cannot finish before the deadline gets ``deadline_exceeded``.
     """
+    task, results = story.task, story.results
     scenes = task.scenes
     n = len(scenes)
-    pictures: dict[str, Image.Image] = {}
     progress.update("images", done=0, total=n)
     for i, scene in enumerate(scenes):
         sid = scene.scene_id
         assert sid is not None
         try:
             if sid in fetches.images:
-                pictures[sid] = fetches.images[sid].result()
+                picture, sha = fetches.images[sid].result()
+                story.pictures[sid] = picture
+                story.image_hashes[sid] = image_hash(task, i, sha)
                 results[sid]["image_source"] = "input"
             elif scene.image:  # images_only: a given image is not needed here
                 results[sid]["image_source"] = "input"
             else:
-                rendered = render_image(ctx, scene.prompt or "", task.image, task.scene_seed(i), scene_id=sid)
-                pictures[sid] = rendered.image
-                results[sid].update(
-                    image_source="generated",
-                    image_url=rendered.result["image_url"],
-                    image_key=rendered.result["image_key"],
-                    image_bytes=rendered.result["bytes"],
-                    image_sha256=rendered.result["sha256"],
-                    image_seed=rendered.result["seed"],
-                    image_timings=rendered.result["timings"],
-                )
+                ihash = story.image_hashes[sid] = image_hash(task, i, None)
+                if not (task.resume and _reuse_image(ctx, story, sid, ihash)):
+                    _render_image(ctx, story, i, scene, ihash)
         except Exception as exc:  # noqa: BLE001 - reported per scene, batch goes on
             results[sid]["error"] = _scene_error(exc, "image")
-        progress.update("images", done=i + 1, total=n, scene_id=sid, ok="error" not in results[sid])
-    return pictures
+            story.pictures.pop(sid, None)
+        ok = "error" not in results[sid]
+        progress.update("images", done=i + 1, total=n, scene_id=sid, ok=ok, **_urls(ctx, results[sid]))
+        if task.images_only and ok:
+            progress.update("scene_done", scene_id=sid, **_urls(ctx, results[sid]))
 
 
-def swap(ctx: RenderContext, task: BatchTask, pictures: dict[str, Image.Image], results: dict[str, dict[str, Any]],
-         progress: ProgressReporter) -> _Swap:
+def _render_image(ctx: RenderContext, story: _Story, i: int, scene: Scene, ihash: str) -> None:
+    task, sid = story.task, scene.scene_id
+    assert sid is not None
+    fits, est = story.deadline.fits("image", image_units(task.image.width, task.image.height, task.image.steps))
+    if not fits:
+        story.results[sid]["error"] = story.deadline.exceeded("image", est)
+        return
+    with story.deadline.timed("image", image_units(task.image.width, task.image.height, task.image.steps)):
+        rendered = render_image(ctx, scene.prompt or "", task.image, task.scene_seed(i), scene_id=sid)
+    fields = {
+        "image_source": "generated",
+        "image_key": rendered.result["image_key"],
+        "image_bytes": rendered.result["bytes"],
+        "image_sha256": rendered.result["sha256"],
+        "image_seed": rendered.result["seed"],
+        "image_timings": rendered.result["timings"],
+    }
+    story.manifest.record(sid, "image", Part(ihash, ctx.result_key("image", "png", sid), fields))
+    story.pictures[sid] = rendered.image
+    story.results[sid].update(fields, image_url=rendered.result["image_url"])
+
+
+def reuse_videos(ctx: RenderContext, story: _Story, fetches: _Fetches, progress: ProgressReporter) -> None:
+    """Resume: every scene whose stored video was made from the same inputs is done already.
+
+    Runs before the swap, so a story with nothing left to render never loads Wan.
+    Waits for the scenes' audio (fetched during the images) to hash its bytes.
+    """
+    for i, scene in enumerate(story.task.scenes):
+        sid = scene.scene_id
+        assert sid is not None
+        if sid not in story.pictures or sid not in story.image_hashes:
+            continue
+        try:
+            _clip, audio_sha = fetches.audio[sid].result()
+            pose_sha = fetches.poses[sid].result()[1] if sid in fetches.poses else None
+        except Exception:  # noqa: BLE001 - the video phase reports it (stage audio / pose_video)
+            continue
+        vhash = video_hash(story.task, i, story.image_hashes[sid], audio_sha, pose_sha)
+        part = story.manifest.part(sid, "video", vhash)
+        if part is None:
+            continue
+        r = story.results[sid]
+        r.update(part.result, video_url=ctx.storage.url(part.key))
+        r["reused"] = bool(r.get("image_reused") or r.get("image_source") == "input")
+        story.pictures.pop(sid)
+        progress.update("scene_done", scene_id=sid, reused=r["reused"], **_urls(ctx, r))
+
+
+def swap(ctx: RenderContext, story: _Story, progress: ProgressReporter) -> _Swap:
     """The one swap to the video set, timed on its own so the story app can see what it cost.
 
     If the video set cannot be made resident (e.g. its checkpoint is missing), every
     scene that has a picture gets that error (stage ``video``); the images stand.
     """
-    out = _Swap([s for s in task.scenes if s.scene_id in pictures])
+    task, results = story.task, story.results
+    out = _Swap([s for s in task.scenes if s.scene_id in story.pictures])
     if not out.video_scenes:
         return out
     progress.update("swap", to=VIDEO_SET)
@@ -161,14 +252,15 @@ def swap(ctx: RenderContext, task: BatchTask, pictures: dict[str, Image.Image], 
     return out
 
 
-def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictures: dict[str, Image.Image],
-           fetches: _Fetches, results: dict[str, dict[str, Any]], progress: ProgressReporter) -> None:
+def videos(ctx: RenderContext, story: _Story, video_scenes: list[Scene], fetches: _Fetches,
+           progress: ProgressReporter) -> None:
     """Phase 2 (Wan resident): each remaining scene's talking video, in scene order.
 
     A scene whose audio failed to download or decode gets that error (stage ``audio``),
     likewise for its pose video (stage ``pose_video``); one whose video fails gets stage
-    ``video``.
+    ``video``; one that cannot finish before the deadline ``deadline_exceeded``.
     """
+    task, results = story.task, story.results
     done = 0
     progress.update("videos", done=0, total=len(video_scenes))
     video_ids = {s.scene_id for s in video_scenes}
@@ -179,42 +271,63 @@ def videos(ctx: RenderContext, task: BatchTask, video_scenes: list[Scene], pictu
         assert sid is not None
         stage = "audio"
         try:
-            audio = fetches.audio[sid].result()
+            audio, audio_sha = fetches.audio[sid].result()
             stage = "pose_video"
-            pose = fetches.poses[sid].result() if sid in fetches.poses else None
+            pose, pose_sha = fetches.poses[sid].result() if sid in fetches.poses else (None, None)
         except Exception as exc:  # noqa: BLE001
             results[sid]["error"] = _scene_error(exc, stage)
         else:
-            try:
-                out = render_video(
-                    ctx,
-                    pictures[sid],
-                    audio,
-                    scene.video_text,
-                    task.video,
-                    task.scene_seed(i),
-                    pose_frames=pose,
-                    scene_id=sid,
-                    progress=progress.steps("video_clips", scene_id=sid),
-                )
-                results[sid].update({k: v for k, v in out.items() if k != "seed"}, video_seed=out["seed"])
-            except Exception as exc:  # noqa: BLE001
-                results[sid]["error"] = _scene_error(exc, "video")
+            units = video_units(audio.duration_s, task.video.area, task.video.infer_frames, task.video.steps)
+            fits, est = story.deadline.fits("video", units)
+            if not fits:
+                results[sid]["error"] = story.deadline.exceeded("video", est)
+            else:
+                try:
+                    with story.deadline.timed("video", units):
+                        out = render_video(
+                            ctx,
+                            story.pictures[sid],  # type: ignore[arg-type]
+                            audio,
+                            scene.video_text,
+                            task.video,
+                            task.scene_seed(i),
+                            pose_frames=pose,
+                            scene_id=sid,
+                            progress=progress.steps("video_clips", scene_id=sid),
+                        )
+                    fields = {k: v for k, v in out.items() if k not in ("seed", "video_url")}
+                    fields["video_seed"] = out["seed"]
+                    story.manifest.record(sid, "video", Part(video_hash(task, i, story.image_hashes[sid], audio_sha, pose_sha),
+                                                             ctx.result_key("video", "mp4", sid), fields))
+                    results[sid].update(fields, video_url=out["video_url"])
+                    if task.resume:
+                        results[sid]["reused"] = False
+                except Exception as exc:  # noqa: BLE001
+                    results[sid]["error"] = _scene_error(exc, "video")
         done += 1
-        progress.update("videos", done=done, total=len(video_scenes), scene_id=sid, ok="error" not in results[sid])
+        ok = "error" not in results[sid]
+        progress.update("videos", done=done, total=len(video_scenes), scene_id=sid, ok=ok)
+        if ok:
+            progress.update("scene_done", scene_id=sid, reused=False, **_urls(ctx, results[sid]))
 
 
 def assemble(task: BatchTask, results: dict[str, dict[str, Any]], timings: dict[str, float]) -> dict[str, Any]:
     """The job result: scenes in request order, counts, and the phase timings (seconds)."""
     ordered = [results[s.scene_id] for s in task.scenes]  # type: ignore[index]
     failed = sum(1 for r in ordered if "error" in r)
-    return {
+    out = {
         "project_id": task.project_id,
         "scenes": ordered,
         "scenes_ok": len(ordered) - failed,
         "scenes_failed": failed,
         **{k: round(v, 3) for k, v in timings.items()},
     }
+    if task.resume:
+        out["scenes_reused"] = sum(1 for r in ordered if r.get("reused"))
+    deadline = sum(1 for r in ordered if r.get("error", {}).get("code") == "deadline_exceeded")
+    if deadline:
+        out["scenes_deadline_exceeded"] = deadline
+    return out
 
 
 def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -> dict[str, Any]:
@@ -222,17 +335,21 @@ def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -
     t_start = time.perf_counter()
     # A speed knob this device cannot run (fp8_unsupported) fails the story before any image is made.
     speed.resolve_plan(task.video.speed_knobs, ctx.manager.device)
+    ctx = replace(ctx, story_segment=story_segment(task, ctx.job_id))
     results: dict[str, dict[str, Any]] = {s.scene_id: {"scene_id": s.scene_id} for s in task.scenes}  # type: ignore[misc]
+    story = _Story(task, results, Manifest.open(ctx.storage, task, ctx.job_id), ctx.deadline or Deadline(None))
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS, thread_name_prefix="fetch") as pool:
         # images_only (the client's `submit --workers N` fan-out): phase 1 alone, nothing fetched.
         fetches = _Fetches({}, {}) if task.images_only else fetch(ctx, task.scenes, pool)
         t = time.perf_counter()
-        pictures = images(ctx, task, fetches, results, progress)
+        images(ctx, story, fetches, progress)
         images_time = time.perf_counter() - t
-        swapped = _Swap([]) if task.images_only else swap(ctx, task, pictures, results, progress)
+        if task.resume and not task.images_only:
+            reuse_videos(ctx, story, fetches, progress)
+        swapped = _Swap([]) if task.images_only else swap(ctx, story, progress)
         t = time.perf_counter()
         if not task.images_only:
-            videos(ctx, task, swapped.video_scenes, pictures, fetches, results, progress)
+            videos(ctx, story, swapped.video_scenes, fetches, progress)
         videos_time = time.perf_counter() - t
     return assemble(task, results, {
         "images_time": images_time,

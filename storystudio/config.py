@@ -71,6 +71,7 @@ class WorkerSettings:
     storage: StorageSettings | None = None
     video_path: VideoPathOptions = field(default_factory=VideoPathOptions)
     compile_cache_dir: Path | None = None  # None: <models_dir>/.torch-compile-cache
+    job_timeout_s: float | None = None  # a batch's time budget (storystudio/deadline.py); None: no deadline
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -96,6 +97,10 @@ class WorkerSettings:
         explicit_w = (env.get("STORYSTUDIO_WAN_DIR") or "").strip()
         max_audio = _float_or_none(env, "STORYSTUDIO_MAX_AUDIO_SECONDS")
         b64 = _float_or_none(env, "STORYSTUDIO_RETURN_BASE64_MAX_KB")
+        job_timeout = _float_or_none(env, "STORYSTUDIO_JOB_TIMEOUT_S")
+        if job_timeout is not None and job_timeout <= 0:
+            raise InvalidInput(f"STORYSTUDIO_JOB_TIMEOUT_S must be > 0 seconds, not {job_timeout:g}",
+                               code="invalid_config")
         return cls(
             models_dir=models,
             zimage_dir=Path(explicit_z) if explicit_z else None,
@@ -113,4 +118,5 @@ class WorkerSettings:
             storage=StorageSettings.from_env(env),
             video_path=VideoPathOptions.from_env(env),
             compile_cache_dir=Path(env.get("STORYSTUDIO_COMPILE_CACHE_DIR") or models / COMPILE_CACHE_DIRNAME),
+            job_timeout_s=job_timeout,
         )

@@ -24,13 +24,14 @@ import numpy as np
 from PIL import Image
 
 from storystudio.config import WorkerSettings
+from storystudio.deadline import Deadline
 from storystudio.inputs import fetch_bytes
 from storystudio.limits import VIDEO_FPS
 from storystudio.media import AudioClip, decode_audio, decode_video_frames, encode_mp4, encode_png, load_image, to_mono_16k
 from storystudio.models.footprint import image_working_bytes, video_working_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.progress import ProgressReporter
-from storystudio.storage import Storage, make_key
+from storystudio.storage import ObjectKey, Storage, make_key
 from storystudio.tasks import AudioTrim, ImageParams, ImageTask, VideoParams, VideoTask
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class RenderContext:
     storage: Storage
     job_id: str
     project_id: str | None = None
+    story_segment: str | None = None  # second key segment of a batch's files (storystudio.manifest); job_id if None
+    deadline: Deadline | None = None  # the job's time budget, started with the job (a batch obeys it)
+
+    def result_key(self, kind: str, ext: str, scene_id: str | None) -> ObjectKey:
+        """Where one result file of this job goes (relative to the storage prefix)."""
+        return make_key(kind=kind, job_id=self.story_segment or self.job_id, ext=ext, project_id=self.project_id,
+                        scene_id=scene_id)
 
 
 @dataclass
@@ -71,23 +79,41 @@ class Timer:
 
 # ---------------------------------------------------------------------------- inputs
 def fetch_image(ctx: RenderContext, source: str, *, field_name: str) -> Image.Image:
+    return fetch_image_hashed(ctx, source, field_name=field_name)[0]
+
+
+def fetch_image_hashed(ctx: RenderContext, source: str, *, field_name: str) -> tuple[Image.Image, str]:
+    """The decoded image and the sha256 of its bytes (a story's scene hashes, storystudio/manifest.py)."""
     data = fetch_bytes(source, kind="image", limits=ctx.settings.inputs, field=field_name)
-    return load_image(data)
+    return load_image(data), hashlib.sha256(data).hexdigest()
 
 
 def fetch_audio(ctx: RenderContext, source: str, trim: AudioTrim, *, field_name: str) -> AudioClip:
+    return fetch_audio_hashed(ctx, source, trim, field_name=field_name)[0]
+
+
+def fetch_audio_hashed(ctx: RenderContext, source: str, trim: AudioTrim, *, field_name: str
+                       ) -> tuple[AudioClip, str]:
+    """The decoded, trimmed audio and the sha256 of the fetched bytes."""
     data = fetch_bytes(source, kind="audio", limits=ctx.settings.inputs, field=field_name)
-    return decode_audio(
+    clip = decode_audio(
         data,
         start_s=trim.audio_start,
         duration_s=trim.audio_duration,
         max_duration_s=ctx.settings.max_audio_seconds,
     )
+    return clip, hashlib.sha256(data).hexdigest()
 
 
 def fetch_pose_frames(ctx: RenderContext, source: str, *, fps: int, field_name: str = "pose_video") -> np.ndarray:
+    return fetch_pose_frames_hashed(ctx, source, fps=fps, field_name=field_name)[0]
+
+
+def fetch_pose_frames_hashed(ctx: RenderContext, source: str, *, fps: int, field_name: str = "pose_video"
+                             ) -> tuple[np.ndarray, str]:
+    """The decoded pose frames and the sha256 of the fetched bytes."""
     data = fetch_bytes(source, kind="video", limits=ctx.settings.inputs, field=field_name)
-    return decode_video_frames(data, fps=fps)
+    return decode_video_frames(data, fps=fps), hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------- image
@@ -124,7 +150,7 @@ def render_image(
     t = timer.add("generate", t)
     png = encode_png(out.image)
     t = timer.add("encode", t)
-    key = make_key(kind="image", job_id=ctx.job_id, ext="png", project_id=ctx.project_id, scene_id=scene_id)
+    key = ctx.result_key("image", "png", scene_id)
     stored = ctx.storage.put_bytes(key, png, "image/png")
     timer.add("upload", t)
     result: dict[str, Any] = {
@@ -195,7 +221,7 @@ def render_video(
         path = encode_mp4(out.frames, out.fps, audio, Path(tmp) / "video.mp4")
         t = timer.add("encode", t)
         digest = _file_sha256(path)
-        key = make_key(kind="video", job_id=ctx.job_id, ext="mp4", project_id=ctx.project_id, scene_id=scene_id)
+        key = ctx.result_key("video", "mp4", scene_id)
         stored = ctx.storage.put_file(key, path, "video/mp4")
         timer.add("upload", t)
     frames = int(out.frames.shape[0])

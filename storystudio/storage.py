@@ -60,6 +60,9 @@ the top folder with project-less jobs; the job id still keeps them apart.
 Uploads set ``Content-Type`` and ``Cache-Control``; files and byte strings at
 or over :data:`MULTIPART_THRESHOLD` go up in parts through boto3's transfer
 manager.
+Objects are read back too (``get_bytes``, ``exists``, ``url``): a story batch keeps a
+manifest of its finished scenes next to them and reuses them when resumed
+(:mod:`storystudio.manifest`).
 The local backend writes to a temporary file in the target folder and renames
 it into place, so a reader never sees half a file, and refuses any path that
 resolves outside its folder. Every failure is a :class:`StorageError` (code
@@ -414,6 +417,16 @@ class Storage(Protocol):
 
     def put_file(self, key: ObjectKey, path: Path, content_type: str) -> StoredObject: ...
 
+    def get_bytes(self, key: ObjectKey) -> bytes | None:
+        """The object's bytes, ``None`` when there is none (a story's manifest, a stored scene to reuse)."""
+        ...
+
+    def exists(self, key: ObjectKey) -> bool: ...
+
+    def url(self, key: ObjectKey) -> str:
+        """A fresh URL for a stored key (presigned URLs expire: a reused scene gets a new one)."""
+        ...
+
 
 def _content_type(content_type: str) -> str:
     ct = (content_type or "").strip() or DEFAULT_CONTENT_TYPE
@@ -557,6 +570,33 @@ class S3Storage:
         return StoredObject(url=self.url_for(full), key=full, size=size, content_type=ct, backend="s3")
 
 
+    def _head_or_get(self, key: ObjectKey, *, body: bool) -> bytes | bool | None:
+        from botocore.exceptions import ClientError
+
+        full = self._full_key(key)
+        try:
+            if body:
+                return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            self._client.head_object(Bucket=self.bucket, Key=full)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None if body else False
+            raise self._error("download" if body else "head", full, exc) from exc
+        except self._errors() as exc:
+            raise self._error("download" if body else "head", full, exc) from exc
+
+    def get_bytes(self, key: ObjectKey) -> bytes | None:
+        got = self._head_or_get(key, body=True)
+        return got if isinstance(got, bytes) else None
+
+    def exists(self, key: ObjectKey) -> bool:
+        return bool(self._head_or_get(key, body=False))
+
+    def url(self, key: ObjectKey) -> str:
+        return self.url_for(self._full_key(key))
+
+
 class LocalStorage:
     """Writes results under one folder; the "URL" is the absolute file path."""
 
@@ -625,6 +665,28 @@ class LocalStorage:
         size = target.stat().st_size
         log.info("stored %s (%d bytes, %s) in %s", full, size, ct, self.root)
         return StoredObject(url=str(target), key=full, size=size, content_type=ct, backend="local")
+
+
+    def _existing(self, key: ObjectKey) -> Path:
+        full = self.prefix + check_key(key)
+        target = self.root / full
+        self._check_inside(full, target)
+        return target
+
+    def get_bytes(self, key: ObjectKey) -> bytes | None:
+        target = self._existing(key)
+        try:
+            return target.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"reading {self.prefix + key!r} under {self.root} failed: {exc}") from exc
+
+    def exists(self, key: ObjectKey) -> bool:
+        return self._existing(key).is_file()
+
+    def url(self, key: ObjectKey) -> str:
+        return str(self._existing(key))
 
 
 def make_storage(settings: StorageSettings | None = None) -> Storage:

@@ -195,6 +195,11 @@ class BatchTask(_Strict):
     image: ImageParams = Field(default_factory=ImageParams)
     video: VideoParams = Field(default_factory=VideoParams)
     seed: Seed | None = None
+    resume: bool = Field(
+        False,
+        description="store the story under <project_id>/resume/ and reuse each stored scene whose inputs "
+        "(prompt, media bytes, settings, seed) are unchanged; reused scenes are marked reused: true",
+    )
     images_only: bool = Field(
         False,
         description="render and store the scenes' images only (no audio is fetched, no video rendered); "

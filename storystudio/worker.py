@@ -27,6 +27,7 @@ import torch
 
 from storystudio.batch import run_batch
 from storystudio.config import WorkerSettings
+from storystudio.deadline import Deadline
 from storystudio.errors import CheckpointError, StoryStudioError
 from storystudio.first_spec import add_first_spec_names
 from storystudio.models.footprint import folder_weight_bytes, image_working_bytes, video_working_bytes
@@ -269,6 +270,7 @@ class Worker:
         job_id = str(job.get("id") or f"local-{uuid.uuid4().hex[:12]}")
         t0 = time.perf_counter()
         progress = ProgressReporter(job, self.sink)
+        deadline = Deadline(self.settings.job_timeout_s)  # the budget counts from the job's arrival
         try:
             task = parse_job_input(job.get("input"))
             ctx = RenderContext(
@@ -277,6 +279,7 @@ class Worker:
                 storage=self.storage,
                 job_id=job_id,
                 project_id=task.project_id if isinstance(task, BatchTask) else None,
+                deadline=deadline,
             )
             logger.info("job %s: task %s", job_id, task.task)
             result = add_first_spec_names(task, route(task)(ctx, task, progress))
