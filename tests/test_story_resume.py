@@ -126,3 +126,24 @@ def test_without_resume_each_job_stores_under_its_own_id_with_a_manifest(tiny_mo
     assert "scenes_reused" not in r and "reused" not in r["scenes"][0]
     m = json.loads((tmp_path / "out" / "storystudio" / "p" / "job-1" / "manifest.json").read_text())
     assert sorted(m["scenes"]["s0"]) == ["image", "video"] and m["job_id"] == "job-1"
+
+
+def test_scene_hashes_cover_every_input():
+    from storystudio.manifest import image_hash, video_hash
+    from storystudio.tasks import parse_job_input
+
+    def task(**scene_extra):
+        return parse_job_input({"task": "batch", "project_id": "p", "seed": 4,
+                                "scenes": [{"scene_id": "a", "prompt": "x", "audio": "u", **scene_extra}]})
+
+    base = task()
+    ih = image_hash(base, 0, None)
+    vh = video_hash(base, 0, ih, "aa")
+    assert image_hash(task(prompt="y"), 0, None) != ih
+    assert image_hash(base, 0, "given-bytes-sha") != ih
+    assert video_hash(base, 0, ih, "bb") != vh, "audio bytes"
+    assert video_hash(base, 0, ih, "aa", "pose-sha") != vh, "pose video bytes"
+    assert video_hash(task(audio_start=0.5), 0, ih, "aa") != vh, "audio trim"
+    assert video_hash(task(video_prompt="talks"), 0, ih, "aa") != vh, "video prompt"
+    assert video_hash(task(seed=9), 0, image_hash(task(seed=9), 0, None), "aa") != vh, "seed"
+    assert video_hash(task(audio="another-url"), 0, ih, "aa") == vh, "URLs do not matter, bytes do"
