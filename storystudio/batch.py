@@ -169,8 +169,6 @@ def images(ctx: RenderContext, story: _Story, fetches: _Fetches, progress: Progr
             story.pictures.pop(sid, None)
         ok = "error" not in results[sid]
         progress.update("images", done=i + 1, total=n, scene_id=sid, ok=ok, **_urls(ctx, results[sid]))
-        if task.images_only and ok:
-            progress.update("scene_done", scene_id=sid, **_urls(ctx, results[sid]))
 
 
 def _render_image(ctx: RenderContext, story: _Story, i: int, scene: Scene, ihash: str) -> None:

@@ -2,7 +2,9 @@
 
 The worker (``storystudio/batch.py`` through ``storystudio/progress.py``) sends
 ``{"stage": "images" | "swap" | "video_clips" | "videos", "done", "total",
-"scene_id"?, "ok"?}`` while it runs; RunPod's ``/status`` shows only the *latest*
+"scene_id"?, "ok"?}`` while it runs, and ``{"stage": "scene_done", "scene_id", "image_url",
+"video_url", "reused"}`` when a scene is finished (rendered, or reused by a resumed story, which
+happens out of scene order, before the swap); RunPod's ``/status`` shows only the *latest*
 one, so updates between two polls are lost. The tracker therefore infers from order:
 the batch renders every image in scene order, then every video in scene order, so
 an update about scene *k* means the scenes before it are through that phase. A scene
@@ -84,6 +86,11 @@ class SceneTracker:
                     self._set(self._order[nxt], state=IMAGE)
             elif done == 0 and self._order and self._scenes[self._order[0]].state == WAITING:
                 self._set(self._order[0], state=IMAGE)
+        elif stage == "scene_done" and sid is not None:
+            for other in self._order:  # every image is done before any scene is
+                if self._scenes[other].state in (WAITING, IMAGE):
+                    self._set(other, state=IMAGE_READY)
+            self._set(sid, state=DONE, clips_done=None, clips_total=None)
         elif stage == "swap":
             for other in self._order:
                 if self._scenes[other].state in (WAITING, IMAGE):

@@ -182,6 +182,18 @@ def test_scene_tracker_follows_the_batch_order():
     assert not t.apply("warming up") and not t.apply({"stage": "videos", "scene_id": "zzz"})
 
 
+def test_scene_tracker_sees_finished_and_reused_scenes():
+    """``scene_done`` may come out of order: a resumed story reports its reused scenes before the swap."""
+    t = SceneTracker(["a", "b", "c"])
+    t.apply({"stage": "images", "done": 1, "total": 3, "scene_id": "a", "ok": True})
+    assert t.apply({"stage": "scene_done", "scene_id": "c", "reused": True, "video_url": "u"})
+    assert [s.state for s in t.snapshot()] == ["image ready", "image ready", "done"]
+    t.apply({"stage": "video_clips", "done": 1, "total": 2, "scene_id": "a"})
+    t.apply({"stage": "scene_done", "scene_id": "a", "reused": False, "video_url": "v"})
+    assert [s.state for s in t.snapshot()] == ["done", "image ready", "done"]
+    assert not t.apply({"stage": "scene_done", "scene_id": "zzz"})
+
+
 def test_data_uri_length_is_known_without_reading(files):
     story = Story.from_mapping({"project_id": "p", "scenes": [{"prompt": "a", "audio": "audio/s1.wav"}]},
                                base_dir=files)
