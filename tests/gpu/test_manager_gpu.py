@@ -67,7 +67,10 @@ def _manager(dev: torch.device, *, budget_gib: float | None, sizes: dict[str, di
              reserve_gib: float = 0.25) -> ModelManager:
     mgr = ModelManager(dev, budget_gib=budget_gib, reserve_gib=reserve_gib)
     for seed, (name, comps) in enumerate(sizes.items(), start=1):
-        mgr.register(name, lambda d, c=comps, s=seed: Engine(c, d, s), size_hint_bytes=sum(comps.values()))
+        # Built on the host and adopted: the manager alone puts weights on the device (no second copy there
+        # while a set loads, which would blur the memory figures these tests compare).
+        mgr.register(name, lambda d, c=comps, s=seed: Engine(c, torch.device("cpu"), s),
+                     size_hint_bytes=sum(comps.values()))
     return mgr
 
 
