@@ -4,6 +4,7 @@ Run as ``python -m tests.demo_fingerprint MODELS_DIR OUTPUT_DIR`` in a fresh pro
 (``tests/test_demo_golden.py`` does, with one intra-op thread). The fingerprint holds:
 
 * every PNG's sha256 (PNG encoding is byte-deterministic);
+* the story manifest's map of scenes and pieces to their files (its times vary);
 * for every MP4: the sha256 of the exact frames and audio samples handed to
   ``encode_mp4`` (the pipeline's output), the sha256 of the AAC track decoded back, and
   the container's probed metadata. Not the MP4 bytes: libx264 runs frame-threaded and
@@ -53,7 +54,11 @@ def main(models_dir: str, output: str) -> None:
         if not p.is_file():
             continue
         rel, data = p.relative_to(output).as_posix(), p.read_bytes()
-        if p.suffix == ".mp4":
+        if p.name == "manifest.json":  # the story's manifest (storystudio/manifest.py): which file holds which piece;
+            # its input hashes are checked by tests/test_story_resume.py, its times are not fingerprintable
+            scenes = json.loads(data)["scenes"]
+            files[rel] = {sid: {kind: part["key"] for kind, part in parts.items()} for sid, parts in scenes.items()}
+        elif p.suffix == ".mp4":
             files[rel] = {**inputs[sha(data)], "decoded_audio_sha256": sha(decode_audio(data).samples.tobytes()),
                           "probe": dataclasses.asdict(probe_media(data))}
         else:
