@@ -26,7 +26,7 @@ from PIL import Image
 from storystudio import limits as L
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
-from storystudio.models.checkpoints.common import serialized_build
+from storystudio.models.checkpoints.common import empty_weights, serialized_build
 from storystudio.models.checkpoints.zimage import TEXT_ENCODER_KEY_PREFIX, validate_zimage
 from storystudio.models.weight_files import LoadPlan, bind, sharded_safetensors_sources
 from storystudio.models.weight_loader import materialize
@@ -116,7 +116,6 @@ class ZImageGenerator:
         ``validate=False`` skips the folder check when the caller has just run it
         (:mod:`storystudio.models.locate`).
         """
-        from accelerate import init_empty_weights
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
         from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
@@ -126,7 +125,7 @@ class ZImageGenerator:
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         try:
-            with init_empty_weights():
+            with empty_weights():
                 transformer = ZImageTransformer2DModel.from_config(
                     ZImageTransformer2DModel.load_config(root / "transformer")
                 )

@@ -84,12 +84,6 @@ def fleet(tiny_models, s3_server) -> Iterator[FakeRunPod]:
         yield server
 
 
-# Known bug, found at the end of the session: with the fake's several in-process workers
-# running real handlers on the tiny checkpoints, a story through the fan-out never completes
-# since the pin-while-loading loader and the exact path were merged (a worker thread failed
-# building modules on meta while another built its own; serialising the builds did not fix the
-# hang). Skipped, not deleted, until it is debugged: see the closing note of issue 11.
-_FAKE_WORKERS_HANG = pytest.mark.skip(reason="fan-out over in-process fake workers hangs since the loader merge (issue 11)")
 
 
 @pytest.fixture
@@ -113,7 +107,6 @@ def _overlap(a, b) -> float:
     return min(a.end, b.end) - max(a.start, b.start)
 
 
-@_FAKE_WORKERS_HANG
 def test_fanout_cli_renders_a_story_over_two_workers_in_parallel(fresh, s3_server, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     monkeypatch.delenv("RUNPOD_API_KEY_FILE", raising=False)
@@ -157,7 +150,6 @@ def test_fanout_cli_renders_a_story_over_two_workers_in_parallel(fresh, s3_serve
     assert s3c.get_object(Bucket=s3_server.bucket, Key=s1["image_key"])["Body"].read()[:4] == b"\x89PNG"
 
 
-@_FAKE_WORKERS_HANG
 @pytest.mark.parametrize("mode", ["failed", "lost"])
 def test_fanout_retries_a_scene_whose_worker_was_killed(fresh, mode):
     fresh.kill_when(lambda inp: inp.get("task") == "video" and inp.get("seed") == 41, mode=mode)
@@ -178,7 +170,6 @@ def test_fanout_retries_a_scene_whose_worker_was_killed(fresh, mode):
     assert fresh.workers_min_history[ENDPOINT] == [2, 0]
 
 
-@_FAKE_WORKERS_HANG
 def test_fanout_input_error_is_final_for_its_scene_and_others_complete(fresh):
     bad = story(2, "fan-bad")
     bad["scenes"][1]["audio"] = "data:audio/wav;base64," + base64.b64encode(b"not a wav file at all").decode()
@@ -191,7 +182,6 @@ def test_fanout_input_error_is_final_for_its_scene_and_others_complete(fresh):
     assert result.extra["scenes_failed"] == 1 and fresh.workers_min_history[ENDPOINT] == [2, 0]
 
 
-@_FAKE_WORKERS_HANG
 def test_fanout_restores_workers_min_when_the_api_fails(fresh):
     fresh.add_fault("POST", r"/v2/[^/]+/run", status=400, times=10)
     with make_client(fresh) as client, pytest.raises(RunPodAPIError) as info:
@@ -200,7 +190,6 @@ def test_fanout_restores_workers_min_when_the_api_fails(fresh):
     assert fresh.workers_min_history[ENDPOINT] == [3, 0] and fresh.workers_min() == 0
 
 
-@_FAKE_WORKERS_HANG
 def test_fanout_restores_workers_min_and_cancels_jobs_on_ctrl_c(fresh):
     """A real SIGINT while the first video job runs: KeyboardInterrupt, jobs cancelled, workersMin back."""
 

@@ -7,10 +7,12 @@ of fixing one file per cold start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from storystudio.errors import CheckpointError
@@ -19,8 +21,19 @@ from storystudio.errors import CheckpointError
 # accelerate's ``init_empty_weights`` patches ``torch.nn.Module.register_parameter`` for the
 # whole process while it is active: a module built meanwhile in another thread (a second
 # worker's engine, transformers' wav2vec2) would silently get ``meta`` parameters. Engines
-# therefore build their modules under this one process-wide lock.
+# build their modules under this one process-wide lock, and every use of the patch takes it
+# too (:func:`empty_weights`): a validator building a meta DiT in one thread while another
+# thread loads wav2vec2 made that load fail with "Cannot copy out of meta tensor".
 _MODEL_BUILD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def empty_weights(include_buffers: bool = False) -> Iterator[None]:
+    """accelerate's ``init_empty_weights``, held under the process-wide build lock."""
+    from accelerate import init_empty_weights
+
+    with _MODEL_BUILD_LOCK, init_empty_weights(include_buffers=include_buffers):
+        yield
 
 
 def serialized_build(fn):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from storystudio.models.checkpoints.common import Problems, read_json, read_safetensors_header
+from storystudio.models.checkpoints.common import Problems, empty_weights, read_json, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,8 @@ _VAE_Z_DIM = 16  # Wan2.1 VAE latent channels (fixed by the pipeline)
 
 
 def _empty_weights():
-    """Parameters on ``meta``, plain tensors (rope freqs, buffers) stay real on CPU."""
-    from accelerate import init_empty_weights
-
-    return init_empty_weights(include_buffers=False)
+    """Parameters on ``meta``, plain tensors (rope freqs, buffers) stay real on CPU (under the build lock)."""
+    return empty_weights(include_buffers=False)
 
 
 def meta_transformer(config: dict[str, Any]) -> torch.nn.Module:
