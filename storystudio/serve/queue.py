@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -121,7 +122,8 @@ class GpuQueue:
         per_job = self.store.mean_run_seconds(record.task) or FIRST_ESTIMATE_S.get(record.task, 300.0)
         if record.finished:
             return 0
-        return round(per_job * (self.store.ahead_of(record) + 1))
+        # at least 1 s while unfinished: 0 would read as "done" (tiny jobs run in under 0.5 s)
+        return max(1, math.ceil(per_job * (self.store.ahead_of(record) + 1)))
 
     # ------------------------------------------------------------------ the GPU thread
     def _loop(self) -> None:
