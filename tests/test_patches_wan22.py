@@ -82,3 +82,21 @@ def test_broken_flash_attn_falls_back_to_sdpa(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["sdpa", "flash_attention"]
+
+
+def test_use_attention_blocks_closed_out_of_order_leave_no_backend_behind():
+    """Two engines in one process (the fake fleet's worker threads) open overlapping
+    blocks; whatever order they close in, the last exit leaves ``default``."""
+    first, second = wan22.use_attention("math"), wan22.use_attention("sdpa")
+    first.__enter__()
+    second.__enter__()
+    assert wan22.active_attention() == "sdpa"
+    first.__exit__(None, None, None)  # the older block ends first
+    assert wan22.active_attention() == "sdpa", "the block still open keeps its backend"
+    second.__exit__(None, None, None)
+    assert wan22.active_attention() == "default"
+    with wan22.use_attention("math"):
+        with wan22.use_attention("sdpa"):
+            assert wan22.active_attention() == "sdpa"
+        assert wan22.active_attention() == "math", "nested blocks restore the outer one"
+    assert wan22.active_attention() == "default"

@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,14 @@ def _flash_attn(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _first(fn(q, k, v, softmax_scale=scale, causal=False))
 
 
+# ``sdpa_kernel`` narrows torch's SDPA backend flags for the whole process and restores what
+# it saw on entry: two threads with overlapping blocks (engines sharing a process, as the
+# tests' fake fleet does) would leave one kernel enabled for good ("No available kernel"
+# later). Every SDPA call here, narrowed or not, therefore runs under this lock; one
+# generation per process, as in production, never waits on it.
+_SDPA_FLAGS_LOCK = threading.RLock()
+
+
 def _sdpa(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
           mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA on [B, L, N, C] tensors; ``kernel`` None lets torch choose."""
@@ -89,7 +98,7 @@ def _sdpa(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         rep = qt.size(1) // kt.size(1)
         kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
     ctx = sdpa_kernel([getattr(SDPBackend, _SDPA_KERNELS[kernel])]) if kernel else contextlib.nullcontext()
-    with ctx:
+    with _SDPA_FLAGS_LOCK, ctx:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)
 

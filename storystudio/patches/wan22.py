@@ -82,6 +82,7 @@ _done = False
 _backend: Backend | None = None
 _official_flash: Callable[..., Any] | None = None  # the official function, kept when flash-attn is importable
 _active = "default"  # see use_attention()
+_open: list[tuple[object, str]] = []  # (token, backend) of each open use_attention block, oldest first
 
 
 def attention_backend() -> Backend:
@@ -284,19 +285,27 @@ def use_attention(backend: str) -> Iterator[None]:
     Process state on purpose: the official modules look ``flash_attention`` up as a
     module global, so the choice cannot be passed through their ``forward``. The engine
     enters this around each generation (one at a time per GPU, under the ModelManager's
-    lock) and the previous value comes back on exit.
+    lock) and on exit the backend of the innermost block still open comes back.
+
+    Blocks may overlap in time when several engines share one process (the tests' fake
+    fleet runs workers as threads): each open block is an entry in ``_open``, and exits in
+    any order leave ``_active`` as the newest entry still open, or ``default`` when none is
+    (saving and restoring a "previous" value would leave a finished block's backend behind).
     """
     global _active
     if backend not in attention.BACKENDS and backend != "default":
         raise ValueError(f"unknown attention backend {backend!r}")
     import_wan()
+    token = object()
     with _lock:
-        previous, _active = _active, backend
+        _open.append((token, backend))
+        _active = backend
     try:
         yield
     finally:
         with _lock:
-            _active = previous
+            _open[:] = [entry for entry in _open if entry[0] is not token]
+            _active = _open[-1][1] if _open else "default"
 
 
 def make_wan21_vae(model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype = torch.float32):
