@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from storystudio.errors import CheckpointError
 
 
@@ -45,6 +46,7 @@ def serialized_build(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
 
 @dataclass
 class Problems:
