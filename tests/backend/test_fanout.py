@@ -84,8 +84,6 @@ def fleet(tiny_models, s3_server) -> Iterator[FakeRunPod]:
         yield server
 
 
-
-
 @pytest.fixture
 def fresh(fleet: FakeRunPod) -> FakeRunPod:
     with fleet.lock:
