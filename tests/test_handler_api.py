@@ -92,10 +92,34 @@ def _empty_wav() -> bytes:
     return buf.getvalue()
 
 
+def start_local_api(env: dict, log: Path, *, startup_s: float) -> tuple[subprocess.Popen, str]:
+    """``python handler.py --rp_serve_api`` on a free port, output appended to ``log``;
+    returns once its API answers (the test fails with the log's tail if it exits or is late)."""
+    port = _free_port()
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/docs", timeout=2).status_code < 500:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def worker_api(tiny_models, s3_server, tmp_path_factory) -> Iterator[str]:
     zdir, wdir = tiny_models
-    port = _free_port()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
         **os.environ,
@@ -111,29 +135,10 @@ def worker_api(tiny_models, s3_server, tmp_path_factory) -> Iterator[str]:
         "STORYSTUDIO_S3_PREFIX": "e2e/",
         "PYTHONUNBUFFERED": "1",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/docs", timeout=2).status_code < 500:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    proc, url = start_local_api(env, log, startup_s=120)
+    try:
         yield url
+    finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -11,44 +11,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import boto3
-import pytest
 import requests
 from PIL import Image
 
 from storystudio.media import encode_audio, probe_media, synth_speech
-from tests.test_handler_api import FPS, IMAGE, VIDEO, _free_port
+from tests.test_handler_api import FPS, IMAGE, VIDEO, start_local_api
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "resume-e2e/"
-
-
-def _start(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    out = log.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/docs", timeout=2).status_code < 500:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def _wav(seconds: float, seed: int) -> str:
@@ -81,7 +56,7 @@ def test_sigkilled_batch_is_resumed_reusing_the_finished_scenes(tiny_models, s3_
                       {"scene_id": "s2", "prompt": "a harbour", "audio": _wav(3.0, 2)},
                       {"scene_id": "s3", "prompt": "a storm", "audio": _wav(3.0, 3)}]}
     log = tmp_path / "worker.log"
-    proc, url = _start(env, log)
+    proc, url = start_local_api(env, log, startup_s=180)
     try:
         def submit() -> None:  # the caller's request dies with the worker
             try:
@@ -109,7 +84,7 @@ def test_sigkilled_batch_is_resumed_reusing_the_finished_scenes(tiny_models, s3_
     finished = {sid for sid, parts in at_kill["scenes"].items() if "video" in parts}
     assert "s1" in finished and finished != {"s1", "s2", "s3"}, f"the kill did not land mid-batch: {finished}"
 
-    proc, url = _start(env, log)
+    proc, url = start_local_api(env, log, startup_s=180)
     try:
         r = requests.post(f"{url}/runsync", json={"input": job}, timeout=900)
         body = r.json()
