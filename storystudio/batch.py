@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from storystudio.deadline import Deadline, image_units, video_units
+from storystudio.batch_result import assemble
 from storystudio.errors import StoryStudioError
 from storystudio.manifest import Manifest, Part, image_hash, story_segment, video_hash
 from storystudio.media import AudioClip, load_image
@@ -307,25 +308,6 @@ def videos(ctx: RenderContext, story: _Story, video_scenes: list[Scene], fetches
         progress.update("videos", done=done, total=len(video_scenes), scene_id=sid, ok=ok)
         if ok:
             progress.update("scene_done", scene_id=sid, reused=False, **_urls(ctx, results[sid]))
-
-
-def assemble(task: BatchTask, results: dict[str, dict[str, Any]], timings: dict[str, float]) -> dict[str, Any]:
-    """The job result: scenes in request order, counts, and the phase timings (seconds)."""
-    ordered = [results[s.scene_id] for s in task.scenes]  # type: ignore[index]
-    failed = sum(1 for r in ordered if "error" in r)
-    out = {
-        "project_id": task.project_id,
-        "scenes": ordered,
-        "scenes_ok": len(ordered) - failed,
-        "scenes_failed": failed,
-        **{k: round(v, 3) for k, v in timings.items()},
-    }
-    if task.resume:
-        out["scenes_reused"] = sum(1 for r in ordered if r.get("reused"))
-    deadline = sum(1 for r in ordered if r.get("error", {}).get("code") == "deadline_exceeded")
-    if deadline:
-        out["scenes_deadline_exceeded"] = deadline
-    return out
 
 
 def run_batch(ctx: RenderContext, task: BatchTask, progress: ProgressReporter) -> dict[str, Any]:

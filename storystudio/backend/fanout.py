@@ -34,6 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from storystudio.batch_result import assemble
 from storystudio.first_spec import add_first_spec_names
 from storystudio.tasks import BatchTask, parse_job_input
 
@@ -300,24 +301,15 @@ class FanOut:
             self._stop.set()
             self.cancel_live()
             raise
-        ordered = [scenes[s.scene_id] for s in task.scenes]  # type: ignore[index]
-        failed = sum(1 for r in ordered if "error" in r)
-        output = {
-            "project_id": task.project_id,
-            "scenes": ordered,
-            "scenes_ok": len(ordered) - failed,
-            "scenes_failed": failed,
-            "images_time": round(t1 - t0, 3),
-            "swap_time": 0.0,
-            "video_load_time": 0.0,
-            "videos_time": round(t2 - t1, 3),
-            "total_time": round(t2 - t0, 3),
-            "fanout": {
-                "workers": self.workers,
-                "images_job_id": images_job,
-                "video_jobs": {sid: r.job_ids for sid, r in runs.items() if r.job_ids},
-                "attempts": {sid: r.attempts for sid, r in runs.items() if r.attempts},
-            },
+        output = assemble(task, scenes, {
+            "images_time": t1 - t0, "swap_time": 0.0, "video_load_time": 0.0,
+            "videos_time": t2 - t1, "total_time": t2 - t0,
+        })
+        output["fanout"] = {
+            "workers": self.workers,
+            "images_job_id": images_job,
+            "video_jobs": {sid: r.job_ids for sid, r in runs.items() if r.job_ids},
+            "attempts": {sid: r.attempts for sid, r in runs.items() if r.attempts},
         }
         add_first_spec_names(task, output)  # scene ``id`` as a batch job's result carries it
         return StoryResult.from_output(output, scene_ids=story.scene_ids, project_id=story.project_id,
