@@ -90,6 +90,15 @@ def warm_cache(files: list[Path]) -> None:
                 pass
 
 
+def prepare_cache(files: list[Path], mode: str) -> float | None:
+    """Make ``files`` cold (dropped from the page cache) or cached (read once); returns the resident fraction."""
+    if mode == "cold":
+        drop_cache(files)
+    else:
+        warm_cache(files)
+    return resident_fraction(files)
+
+
 def resident_fraction(files: list[Path]) -> float | None:
     """Fraction of the files' pages in the page cache (``mincore``); None where it cannot be asked."""
     try:
@@ -282,11 +291,7 @@ def child_load(args, name: str) -> dict:
                            image_bytes=None)
     res: dict = {"files_gb": sum(f.stat().st_size for f in files) / 1e9}
     for mode in ("cold", "cached"):
-        if mode == "cold":
-            drop_cache(files)
-        else:
-            warm_cache(files)
-        res[f"{mode}_resident_fraction"] = resident_fraction(files)
+        res[f"{mode}_resident_fraction"] = prepare_cache(files, mode)
         mgr = build_manager(settings, folders, report)
         mgr.ensure(name)
         sync(device)
@@ -431,11 +436,7 @@ def child_compare(args) -> dict:
                 continue
             try:
                 for mode in ("cold", "cached"):
-                    if mode == "cold":
-                        drop_cache(files)
-                    else:
-                        warm_cache(files)
-                    row[f"{mode}_resident_fraction"] = resident_fraction(files)
+                    row[f"{mode}_resident_fraction"] = prepare_cache(files, mode)
                     out, dt = timed(fn)
                     del out
                     free_device(device)
