@@ -135,6 +135,7 @@ def test_exact_path_equals_baseline_when_the_audio_fills_the_clip(cached):
     assert base_batches == [1, 1, 1, 1] and exact_batches == [2, 2]
     assert exact.engine["cfg_batched"] and not base.engine["cfg_batched"]
     assert exact.engine["attention"] != "default" and base.engine["attention"] == "default"
+    assert (exact.engine["rope"], base.engine["rope"]) == ("fused", "official")
     torch.testing.assert_close(exact_lat[0], base_lat[0], rtol=1e-4, atol=1e-4)
     assert np.abs(exact.frames.astype(int) - base.frames.astype(int)).max() <= 1
 
@@ -321,12 +322,14 @@ def test_options_from_env():
     assert VideoPathOptions.from_env({"STORYSTUDIO_VIDEO_PATH": "baseline"}) == BASELINE
     opts = VideoPathOptions.from_env({"STORYSTUDIO_VIDEO_PATH": "Baseline", "STORYSTUDIO_ATTENTION": "cudnn",
                                       "STORYSTUDIO_COMPILE": "on", "STORYSTUDIO_CFG_BATCH": "off"})
-    assert (opts.name, opts.attention, opts.compile, opts.cfg_batch, opts.trim_last_clip) == (
-        "baseline", "cudnn", "on", "off", False)
+    assert (opts.name, opts.attention, opts.compile, opts.cfg_batch, opts.trim_last_clip, opts.rope) == (
+        "baseline", "cudnn", "on", "off", False, "official")
+    assert VideoPathOptions.from_env({"STORYSTUDIO_ROPE": "official"}).rope == "official"
 
 
 @pytest.mark.parametrize("var,value", [("STORYSTUDIO_VIDEO_PATH", "fast"), ("STORYSTUDIO_ATTENTION", "sage"),
-                                       ("STORYSTUDIO_COMPILE", "yes"), ("STORYSTUDIO_CFG_BATCH", "2")])
+                                       ("STORYSTUDIO_COMPILE", "yes"), ("STORYSTUDIO_CFG_BATCH", "2"),
+                                       ("STORYSTUDIO_ROPE", "complex")])
 def test_bad_option_values_are_config_errors(var, value):
     with pytest.raises(InvalidInput, match=var) as err:
         VideoPathOptions.from_env({var: value})
@@ -337,5 +340,6 @@ def test_attention_choice_follows_the_options(engine, cached):
     r, _, _ = _run(engine, replace(EXACT, attention="math"), _req(0.5, steps=1))
     assert r.engine["attention"] == "math" and engine.attention.backend == "math"
     base, _, _ = cached("baseline")
-    assert base.engine == {"path": "baseline", "attention": "default", "cfg_batched": False, "compiled": False,
+    assert base.engine == {"path": "baseline", "attention": "default", "rope": "official", "cfg_batched": False,
+                           "compiled": False,
                            "clip_frames": [16], "cfg_batched_clips": 0, "compiled_clips": 0, "notes": []}

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from storystudio.models.fused_rope import CompactTables
+
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE_DIRNAME = ".torch-compile-cache"  # inside the models folder (the network volume)
@@ -115,11 +117,16 @@ class BlockCompiler:
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         self._compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self._tables = CompactTables()
 
     def _entry(self, block: nn.Module) -> Callable[..., torch.Tensor]:
-        compiled = self._compiled
+        compiled, tables = self._compiled, self._tables
 
         def forward(x: torch.Tensor, e: list[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+            # The RoPE table as one row per token when the heads share it (fused_rope.py): the
+            # same values, 40x fewer bytes for the compiled rotation to read.
+            if isinstance(kwargs.get("freqs"), torch.Tensor):
+                kwargs["freqs"] = tables(kwargs["freqs"])
             return compiled(block, x, [e[0], _StaticInt(int(e[1]))], *args, **kwargs)
 
         return forward
@@ -131,5 +138,6 @@ class BlockCompiler:
         try:
             yield
         finally:
+            self._tables.clear()
             for block in self.blocks:
                 block.__dict__.pop("forward", None)

@@ -52,6 +52,7 @@ from storystudio.models.attention import AttentionSelection, select_backend
 from storystudio.models.compile import COMPILE_CACHE_DIRNAME, BlockCompiler, configure_cache
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
+from storystudio.models.fused_rope import fused_rope
 from storystudio.models.video_path import VideoPathOptions
 from storystudio.models.checkpoints.common import read_json, serialized_build
 from storystudio.models.checkpoints.wan_s2v import (
@@ -158,6 +159,7 @@ class EngineReport:
     path: str  # exact | baseline
     attention: str  # the attention backend that ran
     clip_frames: list[int]
+    rope: str = "official"  # fused | official (VideoPathOptions.rope)
     cfg_batched_clips: int = 0  # clips whose CFG branches ran as one batch-2 forward
     guided_clips: int = 0  # clips with guidance > 1
     compiled_clips: int = 0  # clips that ran on the compiled DiT blocks
@@ -175,6 +177,7 @@ class EngineReport:
         return {
             "path": self.path,
             "attention": self.attention,
+            "rope": self.rope,
             "cfg_batched": self.guided_clips > 0 and self.cfg_batched_clips == self.guided_clips,
             "compiled": self.compiled_clips > 0,
             "clip_frames": self.clip_frames,
@@ -612,14 +615,15 @@ class WanS2VGenerator:
         """The official ``WanS2V.generate`` as named phases; see each method."""
         plan = self._plan(req)
         report = EngineReport(path=self.options.name, attention=self._attention_backend(),
-                              clip_frames=list(plan.clip_frames))
+                              clip_frames=list(plan.clip_frames), rope=self.options.rope)
         audio_emb = self._embed_audio(req.audio, plan)
         ref_latents, motion_latents, last_frames = self._reference_and_motion(req.image, plan)
         pose = self._pose_cond(req.pose_frames, plan.num_clips, plan.infer_frames, plan.height, plan.width)
         context, context_null = self._text_context(req)
         out = []
         skipped: list[list[int]] = []  # fast preset: the steps each clip's step cache reused
-        with wan22.use_attention(report.attention):
+        rope = fused_rope(self.transformer, self.device) if self.options.rope == "fused" else contextlib.nullcontext()
+        with wan22.use_attention(report.attention), rope:
             for r, frames in enumerate(plan.clip_frames):
                 clip = self._clip_inputs(r, frames, plan, audio_emb, ref_latents, motion_latents, pose, context,
                                          context_null, req)
