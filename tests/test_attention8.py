@@ -39,7 +39,8 @@ def _stand_in(kernel, calls: list | None = None):
 
 def test_not_installed_is_unavailable_and_changes_nothing():
     status = attention8.attention8_status("cpu")
-    assert not status.available and status.detail == "sageattention is not installed"
+    assert not status.available and "sageattention is not installed" in status.detail
+    assert "cuDNN FP8" in status.detail and status.kernel is None  # both candidates say why not
     before = {n: sys.modules[n].flash_attention for n in attention8.DIT_ATTENTION_MODULES}
     with attention8.attention_8bit("cpu") as st:
         assert st == status
@@ -104,3 +105,68 @@ def test_a_broken_install_is_unavailable(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     status = attention8.attention8_status("cpu")
     assert not status.available and "cannot be imported: ImportError: libcuda" in status.detail
+
+
+def test_the_preferred_candidate_wins_a_tie_and_the_status_names_it(monkeypatch):
+    cudnn_calls: list = []
+    sage_calls: list = []
+    monkeypatch.setattr(attention8, "_load_cudnn_fp8", _stand_in(_exact, cudnn_calls))
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(_exact, sage_calls))
+    status = attention8.attention8_status("cpu")
+    assert status.available and status.kernel == "cudnn_fp8"  # no timing on a CPU: the preference order
+    q = k = v = torch.randn(1, 16, 2, 64)
+    cudnn_calls.clear()
+    with attention8.attention_8bit("cpu"):
+        sys.modules["wan.modules.model"].flash_attention(q, k, v)
+    assert len(cudnn_calls) == 1 and sage_calls == [(1, 1024, 4, 128)]  # sage only ran its self-check
+
+
+def test_a_failing_candidate_leaves_the_other(monkeypatch):
+    monkeypatch.setattr(attention8, "_load_cudnn_fp8", _stand_in(lambda q, k, v, **kw: torch.zeros_like(q)))
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(_exact))
+    status = attention8.attention8_status("cpu")
+    assert status.available and status.kernel == "sageattention"
+
+
+def test_compiled_blocks_reach_the_kernel_through_the_op_without_a_graph_break(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    calls: list = []
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(lambda q, k, v, **kw: _exact(q, k, v, **kw) * 1.01,
+                                                                calls))
+    attention8.attention8_status("cpu")
+    model = sys.modules["wan.modules.model"]
+    previous = model.flash_attention
+    q = k = v = torch.randn(1, 16, 2, 64)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compiler.reset()
+    with attention8.attention_8bit("cpu"):
+        fn = torch.compile(lambda q, k, v, lens: model.flash_attention(q, k, v, k_lens=lens) + 1,
+                           backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
+        calls.clear()
+        full = fn(q, k, v, torch.tensor([16]))
+        assert len(calls) == 1
+        torch.testing.assert_close(full, previous(q, k, v) * 1.01 + 1, rtol=1e-5, atol=1e-5)
+        padded = fn(q, k, v, torch.tensor([10]))  # the padding check runs at call time, in the op
+        assert len(calls) == 1
+        torch.testing.assert_close(padded, previous(q, k, v, k_lens=torch.tensor([10])) + 1, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_fp8_quantize_round_trips_within_e4m3_precision():
+    from storystudio.models.attention_fp8 import E4M3_MAX, quantize
+
+    x = torch.randn(2, 64, 4, 32) * 3
+    x8, descale = quantize(x)
+    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (1, 1, 1, 1)
+    assert x8.float().abs().max().item() == E4M3_MAX  # the largest magnitude maps to e4m3's max
+    back = x8.float() * descale
+    rel = ((back - x).norm() / x.norm()).item()
+    assert 0 < rel < 0.04  # 3 mantissa bits: ~2 % rms
+
+
+def test_cudnn_fp8_is_unavailable_here_with_the_reason():
+    from storystudio.models import attention_fp8
+
+    kernel, why = attention_fp8.load()
+    assert kernel is None and why.startswith("cuDNN FP8: ")

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from storystudio.models.fused_rope import CompactTables, compact_table, fused_rope, rope_apply
+from storystudio.models.fused_rope import CompactTables, compact_table, fused_rope, is_active, rope_apply
 from storystudio.patches import wan22
 
 wan22.import_wan()
@@ -60,7 +60,10 @@ def test_compact_tables_memo_is_per_forward():
     a = _official_table(1, 2, 2, 2, heads=3, dim=16)
     b = _official_table(1, 2, 2, 2, heads=3, dim=16)
     first = memo(a)
-    assert memo(a) is first and first.shape[2] == 1  # the 40 blocks of one forward share one compact table
+    assert memo(a) is first and first.shape == (1, 8, 1, 8, 2)  # one row per token, real (cos, sin) pairs
+    assert not first.is_complex() and torch.equal(torch.view_as_complex(first).expand_as(a), a)
+    x = torch.randn(1, 8, 3, 16)
+    torch.testing.assert_close(rope_apply(x, None, first), OFFICIAL_ROPE(x, None, a), rtol=1e-6, atol=1e-6)
     assert memo(b) is not first
     memo.clear()
     assert memo(a) is not first
@@ -75,8 +78,9 @@ class _Model(torch.nn.Module):
 def test_fused_rope_binds_and_restores_the_official_function_and_table():
     model = _Model()
     table = model.freqs
+    assert not is_active()
     with fused_rope(model, torch.device("meta")):
-        assert s2v.rope_apply is rope_apply
+        assert s2v.rope_apply is rope_apply and is_active()
         assert model.freqs.device.type == "meta" and model.freqs.shape == table.shape
     assert s2v.rope_apply is OFFICIAL_ROPE
     assert model.freqs is table  # parking the model afterwards leaves nothing on the GPU

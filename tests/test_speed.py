@@ -81,7 +81,8 @@ def test_a_preset_default_that_cannot_apply_is_not_an_error():
 def test_plan_on_cpu_emulates_fp8_and_reports_8bit_attention_unavailable():
     plan = speed.resolve_plan(SpeedKnobs.resolve("fast"), torch.device("cpu"))
     assert plan.fp8 is not None and plan.fp8.backend == "emulated" and plan.fp8_detail == "emulated (row-wise scales)"
-    assert not plan.attention_8bit and plan.attention_8bit_detail == "unavailable: sageattention is not installed"
+    assert not plan.attention_8bit and plan.attention_8bit_detail == (
+        "unavailable: cuDNN FP8: nvidia-cudnn-frontend is not installed; sageattention is not installed")
     assert speed.idle_components(plan) == {speed.BF16_LINEARS}
     assert speed.idle_components(speed.EXACT) == {speed.FP8_WEIGHTS}
     assert speed.resolve_plan(SpeedKnobs(), "cpu").is_exact
@@ -179,7 +180,7 @@ def test_fast_video_job_end_to_end(tiny_models, tmp_path):
     sp = fast["speed"]
     assert sp["fp8"] is True and sp["attention_8bit"] is False and sp["step_cache"] == 1.0
     assert sp["details"] == {"fp8": "emulated (row-wise scales)",
-                             "attention_8bit": "unavailable: sageattention is not installed"}
+                             "attention_8bit": "unavailable: cuDNN FP8: nvidia-cudnn-frontend is not installed; sageattention is not installed"}
     assert sp["steps"] == 6 and sp["skipped_steps"] == [2] and sp["skipped_step_indices"] == [[2, 3]]
     res = worker.manager.component_residency()
     assert res["video.transformer_fp8"] is True, "the FP8 copy is a managed component"

@@ -22,7 +22,7 @@ def test_drift_report_on_the_tiny_checkpoint(tiny_models, tmp_path, capsys):
     assert rows["fp8"]["skipped_steps"] == [0]
     # Not installed here: the knob reports it and exact attention runs, so no drift at all.
     assert rows["attention_8bit"]["rel_l2"] == 0.0
-    assert rows["attention_8bit"]["attention_8bit"] == "unavailable: sageattention is not installed"
+    assert rows["attention_8bit"]["attention_8bit"] == "unavailable: cuDNN FP8: nvidia-cudnn-frontend is not installed; sageattention is not installed"
     assert rows["step_cache"]["skipped_steps"] == [2] and rows["step_cache"]["rel_l2"] > 0
     assert rows["fast"]["skipped_steps"] == [2] and rows["fast"]["rel_l2"] > 0
     assert rows["fast"]["fp8"] == "emulated (row-wise scales)"

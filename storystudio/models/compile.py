@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from storystudio.models.fused_rope import CompactTables
+from storystudio.models import fused_rope
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,16 @@ class BlockCompiler:
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         self._compiled = torch.compile(fn, dynamic=False, backend=backend)
-        self._tables = CompactTables()
+        self._tables = fused_rope.CompactTables()
 
     def _entry(self, block: nn.Module) -> Callable[..., torch.Tensor]:
         compiled, tables = self._compiled, self._tables
 
         def forward(x: torch.Tensor, e: list[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-            # The RoPE table as one row per token when the heads share it (fused_rope.py): the
-            # same values, 40x fewer bytes for the compiled rotation to read.
-            if isinstance(kwargs.get("freqs"), torch.Tensor):
+            # With the fused RoPE, the table as one row per token when the heads share it, in
+            # real (cos, sin) pairs: the same values, 40x fewer bytes for the compiled rotation
+            # to read, and no complex tensor in the graph (inductor cannot generate code for one).
+            if fused_rope.is_active() and isinstance(kwargs.get("freqs"), torch.Tensor):
                 kwargs["freqs"] = tables(kwargs["freqs"])
             return compiled(block, x, [e[0], _StaticInt(int(e[1]))], *args, **kwargs)
 

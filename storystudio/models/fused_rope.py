@@ -42,12 +42,15 @@ _official: Any = None  # the official rope_apply while ours is bound
 def rope_apply(x: torch.Tensor, grid_sizes: Any, freqs: torch.Tensor, start: Any = None) -> torch.Tensor:
     """``wan.modules.s2v.model_s2v.rope_apply`` in real float64 arithmetic.
 
-    x: [B, S, N, D]; freqs: complex [B, >=S, N or 1, D/2] (a head dim of 1 broadcasts, see
-    :func:`compact_table`). Returns float32 [B, S, N, D], as the official function does.
-    ``grid_sizes``/``start`` are unused there too (the table already holds the positions).
+    x: [B, S, N, D]; freqs: complex [B, >=S, N or 1, D/2], or the same as real (cos, sin)
+    pairs [..., D/2, 2] (:class:`CompactTables` hands the compiled blocks that form, so
+    their graphs hold no complex tensors); a head dim of 1 broadcasts. Returns float32
+    [B, S, N, D], as the official function does. ``grid_sizes``/``start`` are unused there
+    too (the table already holds the positions).
     """
     s = x.size(1)
-    table = torch.view_as_real(freqs[:, :s]).to(torch.float64)  # [B, S, N|1, D/2, 2]
+    table = freqs[:, :s]
+    table = (torch.view_as_real(table) if table.is_complex() else table).to(torch.float64)  # [B, S, N|1, D/2, 2]
     pairs = x.to(torch.float64).unflatten(-1, (-1, 2))  # [B, S, N, D/2, 2]
     a, b = pairs[..., 0], pairs[..., 1]
     c, d = table[..., 0], table[..., 1]
@@ -71,7 +74,8 @@ def compact_table(freqs: torch.Tensor) -> torch.Tensor:
 
 
 class CompactTables:
-    """Memo of :func:`compact_table` for the forward in progress: all 40 blocks pass the same table."""
+    """Memo of :func:`compact_table` for the forward in progress (all 40 blocks pass the same
+    table), as real (cos, sin) pairs: what the compiled blocks' :func:`rope_apply` reads."""
 
     def __init__(self) -> None:
         self._source: torch.Tensor | None = None
@@ -79,12 +83,19 @@ class CompactTables:
 
     def __call__(self, freqs: torch.Tensor) -> torch.Tensor:
         if freqs is not self._source:
-            self._source, self._compact = freqs, compact_table(freqs)
+            compact = compact_table(freqs)
+            self._source = freqs
+            self._compact = torch.view_as_real(compact) if compact.is_complex() else compact
         assert self._compact is not None
         return self._compact
 
     def clear(self) -> None:
         self._source = self._compact = None
+
+
+def is_active() -> bool:
+    """Whether :func:`rope_apply` is bound in the S2V module (a :func:`fused_rope` block is open)."""
+    return _depth > 0
 
 
 @contextlib.contextmanager
