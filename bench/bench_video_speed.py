@@ -313,11 +313,62 @@ def scene_job(job_id: str, prof: dict[str, Any], shape: Shape, preset: str | Non
     return {"id": job_id, "input": inp}
 
 
+class LatentRecorder:
+    """Keeps each clip's final latents (a CPU copy) while a job runs: the fast scene's drift."""
+
+    def __init__(self, engine: WanS2VGenerator) -> None:
+        self.engine, self.latents = engine, []
+        self._real = engine._denoise
+
+    def __enter__(self) -> LatentRecorder:
+        def denoise(*args, **kwargs):
+            out = self._real(*args, **kwargs)
+            self.latents.append(out.detach().float().cpu())
+            return out
+
+        self.engine._denoise = denoise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine._denoise
+
+
+def relative_l2(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | None:
+    """||got - want|| / ||want|| over all clips; None when the clip plans differ."""
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return None
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, want))
+    den = sum(float(b.pow(2).sum()) for b in want)
+    return round((num / den) ** 0.5, 4) if den > 0 else None
+
+
+def attention_8bit_check(device: torch.device, heads: int, head_dim: int, tokens: int) -> dict[str, Any]:
+    """The 8-bit kernel the fast preset uses, against exact SDPA at the DiT's real attention shape."""
+    from storystudio.models import attention8
+
+    status = attention8.attention8_status(device)
+    out: dict[str, Any] = {"available": status.available, "kernel": status.kernel, "detail": status.detail}
+    if not status.available or device.type != "cuda":
+        return out
+    kernel = attention8._resolve(device)[1]
+    shape = (1, tokens, heads, head_dim)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for _ in range(3))
+    got = kernel(q, k, v, tensor_layout="NHD", is_causal=False).float()
+    want = attention8._exact_nhd(q, k, v).float()
+    out.update(shape=list(shape), rel_error=round(float((got - want).norm() / want.norm()), 4),
+               ms=round(attention8.time_kernel(kernel, device, shape), 2),
+               exact_ms=round(attention8.time_kernel(attention8._exact_nhd, device, shape), 2))
+    del q, k, v, got, want
+    return out
+
+
 def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], res: dict[str, Any], dump) -> None:
     fast_note = fast_support()
     if fast_note:
         res["fast_note"] = fast_note
     shape = prof["shapes"]["480p"]
+    latents: dict[str, list[torch.Tensor]] = {}
     for path in ("exact", "fast"):
         if path not in args.paths or (path == "fast" and fast_note):
             continue
@@ -325,8 +376,10 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
         engine.options = options_for(path, prof["compile_backend"])
         log.info("scene: 5 s at 480p on the %s path", path)
         t0 = time.perf_counter()
-        r = worker.handle(scene_job(f"scene-{path}", prof, shape, "fast" if path == "fast" else None))
+        with LatentRecorder(engine) as rec:
+            r = worker.handle(scene_job(f"scene-{path}", prof, shape, "fast" if path == "fast" else None))
         wall = time.perf_counter() - t0
+        latents[path] = rec.latents
         if "error" in r:
             res[f"scene_5s_480p_{path}_error"] = r["error"]
             log.error("scene on %s failed: %s", path, r["error"])
@@ -337,6 +390,9 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
             "speed")}
         if r.get("speed"):
             res[f"scene_5s_480p_{path}_skipped_steps"] = r["speed"].get("skipped_steps")
+        if path == "fast" and "exact" in latents:
+            # The whole preset's drift at the default steps: relative L2 of the final latents.
+            res["scene_5s_480p_fast_drift"] = relative_l2(latents["fast"], latents["exact"])
         dump()
 
 
@@ -352,7 +408,8 @@ def print_table(res: dict[str, Any]) -> None:
             continue
         print(f"| {key} | {'' if a is None else a} | {'' if b is None else b} |")
     print("\n| metric | value |\n|---|---|")
-    for key in ("compile_warm_s", "scene_5s_480p_exact_s", "scene_5s_480p_fast_s", "fast_note"):
+    for key in ("compile_warm_s", "scene_5s_480p_exact_s", "scene_5s_480p_fast_s", "scene_5s_480p_fast_skipped_steps",
+                "scene_5s_480p_fast_drift", "attention_8bit_check", "fast_note"):
         if key in res:
             print(f"| {key} | {res[key]} |")
     checks = (res.get("attention_selfcheck") or {}).get("checks") or {}
@@ -424,6 +481,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert engine.attention is not None
     res["attention_backend"] = engine.attention.backend
     res["attention_selfcheck"] = engine.attention.as_dict()
+    if "fast" in args.paths and fast_support() is None:
+        cfg = engine.transformer.config
+        heads = int(cfg["num_heads"])
+        tokens = 32768 if args.profile == "full" else 256
+        res["attention_8bit_check"] = attention_8bit_check(torch.device(args.device), heads,
+                                                           int(cfg["dim"]) // heads, tokens)
     dump()
 
     if args.parts in ("steps", "all"):

@@ -16,6 +16,7 @@ from storystudio.patches import wan22
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(attention8, "_cache", {})
+    monkeypatch.setattr(attention8, "MIN_TOKENS", 16)  # the tests' 16-token calls count as long
     wan22.import_wan()
 
 
@@ -170,3 +171,28 @@ def test_cudnn_fp8_is_unavailable_here_with_the_reason():
 
     kernel, why = attention_fp8.load()
     assert kernel is None and why.startswith("cuDNN FP8: ")
+
+
+def test_short_calls_and_unsupported_shapes_stay_exact(monkeypatch):
+    calls: list = []
+
+    def picky(q, k, v, **kw):
+        if k.size(1) == 24:
+            raise NotImplementedError("no plan for this shape")
+        calls.append(q.shape)
+        return _exact(q, k, v, **kw)
+
+    monkeypatch.setattr(attention8, "_load_sageattn", _stand_in(picky))
+    attention8.attention8_status("cpu")
+    model = sys.modules["wan.modules.model"]
+    previous = model.flash_attention
+    q = torch.randn(1, 16, 2, 64)
+    with attention8.attention_8bit("cpu"):
+        calls.clear()
+        model.flash_attention(q, torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64))  # 8 keys < MIN_TOKENS
+        assert calls == []
+        k = v = torch.randn(1, 24, 2, 64)
+        got = model.flash_attention(q, k, v)  # the kernel refuses the shape: exact instead of an error
+        assert calls == [] and torch.allclose(got, previous(q, k, v))
+        model.flash_attention(q, q, q)
+        assert len(calls) == 1

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 SELF_CHECK_MAX_REL_ERROR = 0.05  # relative L2 vs exact attention (Sage 1.0.6 measured 1.4 %)
 TIMING_SHAPE = (1, 16384, 8, 128)  # B, tokens, heads, head dim: long enough to be compute-bound
 CANDIDATES = ("cudnn_fp8", "sageattention")  # preference on a tie
+# Calls with fewer query or key tokens stay exact: the DiT's text (512 keys) and audio
+# cross-attentions are a few percent of a step, and 8-bit kernels gain nothing there.
+MIN_TOKENS = 1024
 SAGE_HEAD_DIMS = (64, 96, 128)
 # Official modules whose blocks call the module-level name ``flash_attention``: the DiT's
 # self/cross attention (wan.modules.model) and the S2V self-attention.
@@ -183,7 +186,8 @@ def _dispatcher(kernel: Callable, previous: Callable, name: str | None = None) -
                      q_scale=q_scale, causal=causal, window_size=window_size, deterministic=deterministic,
                      dtype=dtype, version=version)
         static = (not causal and tuple(window_size) == (-1, -1) and dropout_p == 0.0 and q_scale is None
-                  and q.size(-1) in SAGE_HEAD_DIMS and q.size(2) == k.size(2))
+                  and q.size(-1) in SAGE_HEAD_DIMS and q.size(2) == k.size(2)
+                  and min(q.size(1), k.size(1)) >= MIN_TOKENS)
         if not static:
             return previous(q, k, v, **exact)
         half = (torch.float16, torch.bfloat16)
@@ -199,7 +203,10 @@ def _dispatcher(kernel: Callable, previous: Callable, name: str | None = None) -
             return out.type(q.dtype)
         if not (_full(q_lens, q.size(1)) and _full(k_lens, k.size(1))):
             return previous(q, k, v, **exact)
-        out = kernel(cast(q), cast(k), cast(v), tensor_layout="NHD", is_causal=False, sm_scale=scale)
+        try:
+            out = kernel(cast(q), cast(k), cast(v), tensor_layout="NHD", is_causal=False, sm_scale=scale)
+        except NotImplementedError:  # a shape the kernel does not support: exact for this call
+            return previous(q, k, v, **exact)
         return out.type(q.dtype)
 
     flash_attention.storystudio_8bit = True  # type: ignore[attr-defined]
@@ -231,9 +238,13 @@ def attention_8bit(device: torch.device | str) -> Iterator[Attention8Status]:
 def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor | None,
                        k_lens: torch.Tensor | None, kernel: str, scale: float, fallback: str) -> torch.Tensor:
     """The dispatcher's call from a compiled graph: the 8-bit kernel when nothing is padded, else exact."""
-    if _full(q_lens, q.size(1)) and _full(k_lens, k.size(1)):
-        return _kernels[kernel](q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale).to(q.dtype)
     from storystudio.models import attention
+
+    if _full(q_lens, q.size(1)) and _full(k_lens, k.size(1)):
+        try:
+            return _kernels[kernel](q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale).to(q.dtype)
+        except NotImplementedError:  # a shape the kernel does not support: exact for this call
+            pass
 
     return attention.attention(fallback, q, k, v, q_lens, k_lens, softmax_scale=scale).to(q.dtype)
 

@@ -64,7 +64,7 @@ class CudnnFP8Attention:
 
     def __init__(self, cudnn: Any) -> None:
         self.cudnn = cudnn
-        self._graphs: dict[tuple, tuple[Any, dict[str, Any], int]] = {}
+        self._graphs: dict[tuple, Any] = {}  # shape -> (graph, tensors, workspace) or the NotImplementedError
         self._handles: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -106,11 +106,20 @@ class CudnnFP8Attention:
 
     def _graph(self, b: int, h: int, lq: int, lk: int, d: int, scale: float,
                device: torch.device) -> tuple[Any, dict[str, Any], int]:
+        """The built graph for this shape; ``NotImplementedError`` (remembered) where cuDNN has no
+        FP8 plan for it, so the caller runs exact attention for that shape instead of failing."""
         key = (b, h, lq, lk, d, scale, str(device))
         with self._lock:
             if key not in self._graphs:
-                self._graphs[key] = self._build(b, h, lq, lk, d, scale, device)
-            return self._graphs[key]
+                try:
+                    self._graphs[key] = self._build(b, h, lq, lk, d, scale, device)
+                except Exception as exc:  # noqa: BLE001 - cudnn raises its own error types
+                    self._graphs[key] = NotImplementedError(
+                        f"cuDNN FP8 SDPA has no plan for {key[:5]}: {type(exc).__name__}: {exc}")
+            graph = self._graphs[key]
+        if isinstance(graph, NotImplementedError):
+            raise graph
+        return graph
 
     def _build(self, b: int, h: int, lq: int, lk: int, d: int, scale: float,
                device: torch.device) -> tuple[Any, dict[str, Any], int]:
