@@ -196,3 +196,82 @@ def test_short_calls_and_unsupported_shapes_stay_exact(monkeypatch):
         assert calls == [] and torch.allclose(got, previous(q, k, v))
         model.flash_attention(q, q, q)
         assert len(calls) == 1
+
+
+class _FakeTensor:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def set_output(self, *_):
+        return self
+
+    set_dim = set_stride = set_data_type = set_output
+
+
+class _FakeGraph:
+    """Records the cuDNN frontend calls; enough of its API for CudnnFP8Attention._build."""
+
+    def __init__(self, **kw) -> None:
+        self.kw = kw
+
+    def tensor(self, **kw):
+        return _FakeTensor()
+
+    def sdpa_fp8(self, **kw):
+        assert kw["descale_q"] is not None and kw["use_causal_mask"] is False
+        return _FakeTensor(), None, _FakeTensor(), _FakeTensor()
+
+    def validate(self):
+        pass
+
+    build_operation_graph = check_support = build_plans = validate
+
+    def create_execution_plans(self, modes):
+        pass
+
+    def get_workspace_size(self):
+        return 64
+
+
+class _FakeCudnn:
+    class data_type:
+        FP8_E4M3, FLOAT = "e4m3", "f32"
+
+    class heur_mode:
+        A, FALLBACK = "A", "FALLBACK"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.handles, self.fail = 0, fail
+
+    def create_handle(self):
+        self.handles += 1
+        return object()
+
+    def pygraph(self, **kw):
+        if self.fail:
+            raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED")
+        return _FakeGraph(**kw)
+
+
+def test_cudnn_fp8_graph_build_takes_its_lock_once_and_memoizes(monkeypatch):
+    # A graph build asks for the device's handle under the same lock: it must not deadlock
+    # (it did on the H100 before the lock became re-entrant), and each shape builds once.
+    import threading
+
+    from storystudio.models.attention_fp8 import CudnnFP8Attention
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    fake = _FakeCudnn()
+    kernel = CudnnFP8Attention(fake)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(kernel._graph(1, 2, 64, 64, 128, 0.1, torch.device("cuda"))),
+                              daemon=True)
+    worker.start()
+    worker.join(5)
+    assert done, "the graph build deadlocked"
+    assert kernel._graph(1, 2, 64, 64, 128, 0.1, torch.device("cuda")) is done[0] and fake.handles == 1
+    refused = CudnnFP8Attention(_FakeCudnn(fail=True))
+    for _ in range(2):  # remembered: the second call does not try again
+        with pytest.raises(NotImplementedError, match="no plan for .*CUDNN_STATUS_NOT_SUPPORTED"):
+            refused._graph(1, 2, 64, 64, 128, 0.1, torch.device("cuda"))

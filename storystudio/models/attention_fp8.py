@@ -66,7 +66,7 @@ class CudnnFP8Attention:
         self.cudnn = cudnn
         self._graphs: dict[tuple, Any] = {}  # shape -> (graph, tensors, workspace) or the NotImplementedError
         self._handles: dict[int, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _graph builds under it and _build asks _handle, which takes it again
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: str = "NHD",
                  is_causal: bool = False, sm_scale: float | None = None) -> torch.Tensor:
