@@ -9,14 +9,12 @@ memory range is already mapped`` (seen on the H100, issue 13). Its error enum al
 knows only ``success``, so every failure was logged as ``cudaError.???``.
 
 The driver API (``cuMemHostRegister`` in ``libcuda.so.1``, the library PyTorch itself
-runs on) has no last-error slot: a failure is only the returned code, which
-:func:`cuMemHostRegister` reports with its real name (``cuGetErrorName``). The
-registration is made ``PORTABLE`` (pinned for every context of the process) inside
-the device's primary context, pushed onto the calling thread only for the call and
-popped again, so the reader threads that pin chunks while a set loads neither need a
-current context nor leave one behind, and a rank on ``cuda:3`` never creates a context
-on GPU 0.
-
+runs on) has no last-error slot: a failure is only the returned code, reported here
+with its real name (``cuGetErrorName``) in a :class:`CudaResult`. The registration is
+made ``PORTABLE`` (pinned for every context of the process) inside the device's
+primary context, pushed onto the calling thread only for the call and popped again, so
+the reader threads that pin chunks while a set loads neither need a current context
+nor leave one behind, and a rank on ``cuda:3`` never creates a context on GPU 0.
 """
 
 from __future__ import annotations

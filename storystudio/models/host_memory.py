@@ -138,7 +138,7 @@ class HostBuffer:
     """One flat host copy of a component (or a staging slot); chunks page-locked on request.
 
     ``device``: the CUDA device the buffer feeds (its primary context does the
-    registration; the current device of the pinning thread when not given).
+    registration); when not given, the current device of the thread making the buffer.
     ``registrar``: the page-locking calls (the CUDA driver by default; tests give a fake).
     """
 
@@ -151,7 +151,12 @@ class HostBuffer:
         self.chunks = chunks
         self._state = [_PAGEABLE] * len(chunks)
         self._lock = threading.Lock()
-        self._device_index = device.index if device is not None and device.type == "cuda" else None
+        if device is not None and device.type == "cuda" and device.index is not None:
+            self._device_index: int | None = device.index
+        elif torch.cuda.is_initialized():  # this thread's device, not a reader thread's (always 0) at pin time
+            self._device_index = torch.cuda.current_device()
+        else:
+            self._device_index = None
         self._registrar = registrar
 
     @property
