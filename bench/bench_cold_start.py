@@ -342,12 +342,12 @@ def _ours(device, build, *, host: bool, threads: int):
     flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     pin = device.type == "cuda"
     if host:
-        buf = HostBuffer("bench", layout.nbytes, layout.host_chunks())
+        buf = HostBuffer("bench", layout.nbytes, layout.host_chunks(), device=device)
         fill(layout, sources, flat, host=buf, pin=pin, threads=threads)
         sync(device)
         buf.release()
     else:
-        ring = StagingRing(pin=pin) if device.type == "cuda" else StagingRing(pin=False)
+        ring = StagingRing(pin=pin, device=device) if device.type == "cuda" else StagingRing(pin=False)
         fill(layout, sources, flat, ring=ring, threads=threads)
         sync(device)
         ring.buffer.release()

@@ -1,24 +1,36 @@
 """An out-of-memory job that succeeds on its retry: the ModelManager's OOM path on a real GPU.
 
-Scenario (issue 13): both model sets are resident, and a job on the video set needs more
-activation memory than is free (its estimate was too low, so nothing was parked before
-it). Its first attempt allocates half of its activations, then runs out of memory. The
-manager must leave the ``except`` block (freeing the failed attempt's frames and their
-tensors), park the image set, and retry: the retry needs ``free + image_set / 2`` bytes,
-which fit only once the image set is parked *and* the first attempt's half is freed.
+Scenario (issue 13): both model sets are resident, loaded without any out-of-memory error,
+and a job on the video set needs more activation memory than is free (its estimate was too
+low, so nothing was parked before it). Its first attempt allocates half of its activations,
+then runs out of memory. The manager must leave the ``except`` block (freeing the failed
+attempt's frames and their tensors), park the image set, and retry: the job needs
+``free + image_set / 2`` bytes, which fit only once the image set is parked *and* the first
+attempt's half is freed (on an 80 GB H100: ~16.9 GiB free beside both sets, a 26.4 GiB job;
+the retry has 36 GiB, 22.8 GiB if the failed half were still held).
 
-The sets are synthetic bf16 blocks of the real component sizes by default (Wan2.2-S2V
-42.6 GiB, Z-Image-Turbo 19.1 GiB, as ``bench_swap.py``), or the real checkpoints with
-``--zimage-dir``/``--wan-dir``; the job's activations are synthetic in both cases (this
-measures the manager, not a generation). The image set's weights are compared bit for
-bit after it is restored.
+The manager is set up as the worker sets it up: the budget is the card's memory minus the
+reserve, and the largest planned video job is registered, so on an 80 GB card parking is
+expected and the sets are read into pinned parking buffers while they load. The sets are
+synthetic bf16 blocks of the real component sizes by default (Wan2.2-S2V 42.6 GiB,
+Z-Image-Turbo 19.1 GiB, as ``bench_swap.py``), handed to the manager the way a checkpoint
+is: parameters on ``meta`` and, for each, where its bytes are (a window of one small random
+pool in host memory), so the manager alone puts the weights on the device, once. The real
+checkpoints are used with ``--zimage-dir``/``--wan-dir``. The job's activations are synthetic
+in both cases (this measures the manager, not a generation). The image set's weights are
+compared bit for bit after it is restored. The run fails, without running the job, when
+loading the two sets did not leave both resident without an out-of-memory retry.
 
-GPU:  python bench/bench_oom.py                      (writes bench/results/<date>-<gpu>-oom.json)
+GPU:  python bench/bench_oom.py --out $OUT          (writes $OUT/<date>-<gpu>-oom.json)
+      python bench/bench_oom.py                     (writes bench/results/<date>-<gpu>-oom.json)
       python bench/bench_oom.py --zimage-dir /models/Z-Image-Turbo --wan-dir /models/Wan2.2-S2V-14B
 CPU:  python bench/bench_oom.py --device cpu --out /tmp/oom.json
       (simulated: a fake device of 80 MiB and sets of 1/1024 the size; the manager's
-      measured-free-memory hook reads the simulated device, and allocations past it raise
-      torch.OutOfMemoryError; a smoke test of the same code path, no GPU figures)
+      measured-free-memory hook reads the simulated device, and device allocations past it,
+      the manager's own while loading and restoring and the job's, raise
+      torch.OutOfMemoryError; the same sequence as on the GPU, no GPU figures)
+
+``--out`` is a directory (``<out>/<date>-<gpu>-oom.json``) unless it names a ``.json`` file.
 """
 
 from __future__ import annotations
@@ -42,13 +54,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storystudio.errors import GenerationError  # noqa: E402
 from storystudio.models.model_manager import GiB, ModelManager, measured_free_bytes  # noqa: E402
+from storystudio.models.weight_files import InMemory, LoadPlan  # noqa: E402
+from storystudio.worker import planned_working_bytes  # noqa: E402
 
 log = logging.getLogger("bench_oom")
 WAN_GIB = {"transformer": 30.35, "text_encoder": 10.58, "vae": 0.47, "audio_encoder": 1.18}
 ZIMAGE_GIB = {"transformer": 11.46, "text_encoder": 7.49, "vae": 0.16}
+LOAD_ORDER = ("video", "image")  # the larger set first: the least host memory in flight while loading
 BLOCK = 256 * 1024**2  # bytes per synthetic parameter tensor (CUDA)
+SHIFTS = 1 << 16  # distinct windows of the random pool: every parameter holds different bytes
 SIM_SCALE = 1024  # the simulated CPU device: sizes in MiB instead of GiB
-SIM_CAPACITY = 80 * 1024**2
+SIM_CAPACITY_MIB = 80
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def gpu_slug(name: str) -> str:
@@ -57,93 +74,194 @@ def gpu_slug(name: str) -> str:
 
 
 class Synthetic:
-    """A set of components of given sizes; seeded values so a round trip can be compared bit for bit."""
+    """A model set's engine: named components (modules of bf16 parameters)."""
 
-    def __init__(self, sizes_bytes: dict[str, int], device: torch.device, seed: int, block: int) -> None:
-        self.mods: dict[str, nn.Module] = {}
-        g = torch.Generator(device=device).manual_seed(seed)
-        for name, n in sizes_bytes.items():
-            m = nn.Module()
-            left, i = n, 0
-            while left > 0:
-                elems = max(1, min(block, left) // 2)
-                t = torch.randn(elems, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
-                m.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
-                left -= elems * 2
-                i += 1
-            self.mods[name] = m
+    def __init__(self, mods: dict[str, nn.Module]) -> None:
+        self.mods = mods
 
     def components(self) -> dict[str, nn.Module]:
         return self.mods
 
 
+def synthetic_plan(sizes_bytes: dict[str, int], seed: int, block: int) -> LoadPlan:
+    """A set of components of the given sizes, as a checkpoint hands it over: weights still to be read.
+
+    Every parameter is on ``meta`` and its source is a window of one random pool in host
+    memory (a different window each, so a round trip is checked bit for bit and a misplaced
+    chunk shows). Nothing is put on the device here: the manager allocates the weights there
+    once. (Building the tensors on the device and letting the manager adopt them held every
+    set twice while it loaded: the first H100 run ran out of memory loading the video set.)
+    """
+    per_param = max(1, block // 2)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(per_param + SHIFTS, generator=g).to(torch.bfloat16)
+    mods: dict[str, nn.Module] = {}
+    sources: dict[str, dict[str, InMemory]] = {}
+    k = 0
+    for name, n in sizes_bytes.items():
+        m, src = nn.Module(), {}
+        left, i = n, 0
+        while left > 0:
+            elems = max(1, min(block, left) // 2)
+            m.register_parameter(f"w{i}", nn.Parameter(torch.empty(elems, dtype=torch.bfloat16, device="meta"),
+                                                        requires_grad=False))
+            start = (k * 7919) % SHIFTS
+            src[f"w{i}"] = InMemory(pool[start : start + elems])
+            left -= elems * 2
+            i += 1
+            k += 1
+        mods[name], sources[name] = m, src
+    return LoadPlan(Synthetic(mods), sources)
+
+
 def checksum(engine: Any) -> list[float]:
-    return [float(p.double().sum()) for m in engine.components().values() for p in m.parameters()]
+    return [float(p.sum(dtype=torch.float64)) for m in engine.components().values() for p in m.parameters()]
+
+
+def nbytes(engine: Any) -> int:
+    return sum(t.numel() * t.element_size() for m in engine.components().values()
+               for t in [*m.parameters(), *m.buffers()])
 
 
 class SimulatedDevice:
-    """CPU smoke mode: a device of ``capacity`` bytes holding the manager's resident weights and live activations."""
+    """CPU mode: a device of ``capacity`` bytes.
 
-    def __init__(self, capacity: int, sizes: dict[str, int]) -> None:
+    Every device allocation is counted for as long as its tensor lives and refused past the
+    capacity, as CUDA would: the manager's own (:meth:`guard` wraps its device allocator, so
+    loading and restoring are counted from the moment a buffer is made, and a failed
+    attempt's buffers stay counted until its frames are gone) and the job's (:meth:`alloc`).
+    """
+
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.sizes = sizes  # "set.component" -> bytes
-        self.manager: ModelManager | None = None
         self._live: dict[int, int] = {}
 
     def used(self) -> int:
-        assert self.manager is not None
-        weights = sum(self.sizes[k] for k, on in self.manager.component_residency().items() if on)
-        return weights + sum(self._live.values())
+        return sum(self._live.values())
 
     def free(self, _device: torch.device | None = None) -> int:
         return self.capacity - self.used()
 
-    def alloc(self, nbytes: int) -> object:
+    def _take(self, obj: object, nbytes: int) -> None:
+        self._live[id(obj)] = nbytes
+        weakref.finalize(obj, self._live.pop, id(obj), None)
+
+    def _check(self, nbytes: int, what: str) -> None:
         if nbytes > self.free():
             raise torch.OutOfMemoryError(
-                f"simulated: tried to allocate {nbytes / 2**20:.1f} MiB, {self.free() / 2**20:.1f} MiB free")
+                f"simulated: {what} tried to allocate {nbytes / 2**20:.2f} MiB, {self.free() / 2**20:.2f} MiB free")
+
+    def guard(self, manager: ModelManager) -> None:
+        """Route the manager's device allocations (weights, while loading and restoring) through the capacity."""
+        real = manager._alloc_device
+
+        def alloc_device(nbytes: int) -> torch.Tensor:
+            self._check(nbytes, "the manager")
+            flat = real(nbytes)
+            self._take(flat, nbytes)
+            return flat
+
+        manager._alloc_device = alloc_device  # type: ignore[method-assign]
+
+    def alloc(self, nbytes: int) -> object:
+        self._check(nbytes, "the job")
         token = type("Activation", (), {})()
-        self._live[id(token)] = nbytes
-        weakref.finalize(token, self._live.pop, id(token), None)
+        self._take(token, nbytes)
         return token
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def build(args: argparse.Namespace) -> tuple[ModelManager, SimulatedDevice | None, bool, int]:
+    """The manager with both sets registered (nothing loaded), the simulated device, whether real sets, the unit."""
     cuda = args.device == "cuda"
     dev = torch.device(args.device)
-    sim: SimulatedDevice | None = None
     unit = GiB if cuda else GiB // SIM_SCALE
-    sizes = {f"video.{k}": int(v * unit) for k, v in WAN_GIB.items()} | {
-        f"image.{k}": int(v * unit) for k, v in ZIMAGE_GIB.items()}
-    if cuda:
-        torch.cuda.empty_cache()
-        mgr = ModelManager(dev, budget_gib=100_000, reserve_gib=args.reserve_gib)  # bookkeeping never parks
-    else:
-        sim = SimulatedDevice(SIM_CAPACITY, sizes)
-        mgr = ModelManager(dev, free_memory=sim.free, reserve_gib=args.reserve_gib / SIM_SCALE)
-        sim.manager = mgr
-    real = bool(args.zimage_dir and args.wan_dir)
-    if real:
+    if args.zimage_dir and args.wan_dir:
         from dataclasses import replace
 
         from storystudio.config import WorkerSettings
         from storystudio.worker import build_manager
 
         settings = replace(WorkerSettings.from_env(), device=args.device, zimage_dir=args.zimage_dir,
-                           wan_dir=args.wan_dir, vram_budget_gib=100_000, vram_reserve_gib=args.reserve_gib)
-        mgr = build_manager(settings)
+                           wan_dir=args.wan_dir, vram_budget_gib=None, vram_reserve_gib=args.reserve_gib)
+        return build_manager(settings), None, True, unit
+    sizes = {f"video.{k}": int(v * unit) for k, v in WAN_GIB.items()} | {
+        f"image.{k}": int(v * unit) for k, v in ZIMAGE_GIB.items()}
+    planned = planned_working_bytes()
+    sim = None
+    if cuda:
+        torch.cuda.empty_cache()
+        mgr = ModelManager(dev, reserve_gib=args.reserve_gib)  # the worker's budget: the card minus the reserve
     else:
-        block = BLOCK if cuda else BLOCK // SIM_SCALE
-        for name, seed in (("video", 1), ("image", 2)):
-            comp = {k.split(".", 1)[1]: v for k, v in sizes.items() if k.startswith(name + ".")}
-            mgr.register(name, lambda d, c=comp, s=seed: Synthetic(c, d, s, block))
+        capacity = int(args.sim_capacity_mib * 2**20)
+        sim = SimulatedDevice(capacity)
+        reserve = args.reserve_gib / SIM_SCALE
+        mgr = ModelManager(dev, budget_gib=capacity / GiB - reserve, reserve_gib=reserve, free_memory=sim.free)
+        sim.guard(mgr)
+    block = BLOCK if cuda else BLOCK // SIM_SCALE
+    for name, seed in (("video", 1), ("image", 2)):
+        comp = {k.split(".", 1)[1]: v for k, v in sizes.items() if k.startswith(name + ".")}
+        mgr.register(name, lambda d, c=comp, s=seed: synthetic_plan(c, s, block), size_hint_bytes=sum(comp.values()),
+                     max_working_bytes=planned[name] * unit // GiB)
+    return mgr, sim, False, unit
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cuda = args.device == "cuda"
+    dev = torch.device(args.device)
+    mgr, sim, real, unit = build(args)
+    report: dict[str, Any] = {
+        "bench": "oom",
+        "date": dt.date.today().isoformat(),
+        "mode": "cuda" if cuda else "simulated-cpu",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else f"simulated {args.sim_capacity_mib:g} MiB device",
+        "torch": torch.__version__,
+        "sets": "checkpoints" if real else "synthetic",
+        "unit": "GiB" if cuda else "MiB (simulated)",
+        "total": (torch.cuda.mem_get_info(dev)[1] if cuda else sim.capacity) / unit,  # type: ignore[union-attr]
+        "budget": None if mgr.budget_bytes is None else mgr.budget_bytes / unit,
+        "retry_succeeded": False,
+        "error": None,
+    }
+    try:
+        report.update(_scenario(mgr, sim, dev, unit))
+    finally:
+        mgr.close()
+    return report
+
+
+def _scenario(mgr: ModelManager, sim: SimulatedDevice | None, dev: torch.device, unit: int) -> dict[str, Any]:
+    """Load both sets, check they are resident without an OOM, run the job that needs a retry."""
+    cuda = dev.type == "cuda"
     t0 = time.perf_counter()
-    image = mgr.ensure("image")
-    video = mgr.ensure("video")
+    engines: dict[str, Any] = {}
+    try:
+        for name in LOAD_ORDER:
+            engines[name] = mgr.ensure(name)
+        load_failure = None
+    except GenerationError as exc:
+        load_failure = f"{exc.code}: {exc.message}"
     load_s = time.perf_counter() - t0
-    image_sum = checksum(image)
-    set_bytes = {"image": nbytes(image), "video": nbytes(video)}
+    load_stats = mgr.stats()
+    residency = mgr.component_residency()
+    both_resident = len(engines) == len(LOAD_ORDER) and all(residency.values())
+    out: dict[str, Any] = {
+        "both_sets_resident_after_load": both_resident,
+        "load_oom_retries": load_stats.oom_retries,
+        "load_seconds": round(load_s, 3),
+        "pinned": load_stats.pinned_gib * GiB / unit,
+        "parking": load_stats.parking,
+    }
+    if load_failure or load_stats.oom_retries or not both_resident:
+        out["error"] = (f"scenario precondition failed: loading the sets took {load_stats.oom_retries} "
+                        f"out-of-memory retries ({load_failure or 'each retry succeeded'}) and left "
+                        f"{sorted(k for k, on in residency.items() if not on) or 'no set loaded'} off the device; "
+                        "the job was not run")
+        return out
+    image_sum = checksum(engines["image"])
+    set_bytes = {name: nbytes(engine) for name, engine in engines.items()}
     free_both = measured_free_bytes(dev) if cuda else sim.free()  # type: ignore[union-attr]
+    assert free_both is not None
     need = free_both + set_bytes["image"] // 2  # fits only once the image set is parked
     half = need // 2
     attempts: list[str] = []
@@ -165,48 +283,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         alloc = sim.alloc  # type: ignore[union-attr]
     t1 = time.perf_counter()
-    error = None
     try:
         mgr.run("video", job)
-        ok = True
+        ok, error = True, None
     except GenerationError as exc:
         ok, error = False, f"{exc.code}: {exc.message}"
     job_s = time.perf_counter() - t1
     residency_after = mgr.component_residency()
     stats = mgr.stats()
-    mgr.ensure("image")
+    peak = torch.cuda.max_memory_allocated(dev) / unit if cuda else None
     intact = checksum(mgr.ensure("image")) == image_sum
-    report: dict[str, Any] = {
-        "bench": "oom",
-        "date": dt.date.today().isoformat(),
-        "mode": "cuda" if cuda else "simulated-cpu",
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if cuda else f"simulated {SIM_CAPACITY / 2**20:.0f} MiB device",
-        "torch": torch.__version__,
-        "sets": "checkpoints" if real else "synthetic",
+    out.update({
         "retry_succeeded": ok,
         "error": error,
         "attempts": len(attempts),
-        "oom_retries": stats.oom_retries,
+        "oom_retries": stats.oom_retries - load_stats.oom_retries,
         "image_set_parked_for_retry": not any(v for k, v in residency_after.items() if k.startswith("image.")),
         "image_weights_identical_after_restore": intact,
-        "unit": "GiB" if cuda else "MiB (simulated)",
-        "total": (torch.cuda.mem_get_info(dev)[1] if cuda else SIM_CAPACITY) / unit,
         "image_set": set_bytes["image"] / unit,
         "video_set": set_bytes["video"] / unit,
         "free_with_both_sets": free_both / unit,
         "job_activations": need / unit,
-        "peak_allocated": (torch.cuda.max_memory_allocated(dev) / unit) if cuda else None,
-        "load_seconds": round(load_s, 3),
+        "first_attempt_half": half / unit,
+        "peak_allocated": peak,
         "job_seconds_with_retry": round(job_s, 3),
         "swap_seconds": round(stats.swap_seconds, 3),
-    }
-    return report
+    })
+    return out
 
 
-def nbytes(engine: Any) -> int:
-    return sum(t.numel() * t.element_size() for m in engine.components().values()
-               for t in [*m.parameters(), *m.buffers()])
+def output_path(out: Path | None, report: dict[str, Any]) -> Path:
+    """``out`` itself when it names a ``.json`` file, else ``<out or bench/results>/<date>-<gpu>-oom.json``."""
+    if out is not None and out.suffix == ".json" and not out.is_dir():
+        return out
+    tag = gpu_slug(report["device_name"]) if report["mode"] == "cuda" else "cpu"
+    return (out or RESULTS) / f"{report['date']}-{tag}-oom.json"
 
 
 def main() -> None:
@@ -215,7 +326,9 @@ def main() -> None:
     ap.add_argument("--zimage-dir", type=Path, help="real Z-Image-Turbo folder (with --wan-dir)")
     ap.add_argument("--wan-dir", type=Path, help="real Wan2.2-S2V-14B folder (with --zimage-dir)")
     ap.add_argument("--reserve-gib", type=float, default=0.5, help="the manager's VRAM reserve")
-    ap.add_argument("--out", type=Path, help="JSON file; default bench/results/<date>-<gpu>-oom.json (cuda)")
+    ap.add_argument("--sim-capacity-mib", type=float, default=SIM_CAPACITY_MIB,
+                    help="--device cpu: size of the simulated device")
+    ap.add_argument("--out", type=Path, help="results folder (default bench/results) or a .json file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -224,24 +337,27 @@ def main() -> None:
         raise SystemExit("--zimage-dir and --wan-dir go together, on --device cuda")
     report = run(args)
     unit = report["unit"]
+
+    def num(key: str) -> str:
+        return f"{report[key]:.2f}" if isinstance(report.get(key), float) else str(report.get(key, "-"))
+
     rows = [("device", report["device_name"]), ("mode / sets", f"{report['mode']} / {report['sets']}"),
-            (f"total ({unit})", f"{report['total']:.2f}"), (f"image set ({unit})", f"{report['image_set']:.2f}"),
-            (f"video set ({unit})", f"{report['video_set']:.2f}"),
-            (f"free with both sets ({unit})", f"{report['free_with_both_sets']:.2f}"),
-            (f"job activations ({unit})", f"{report['job_activations']:.2f}"),
-            ("attempts / oom_retries", f"{report['attempts']} / {report['oom_retries']}"),
-            ("image set parked for the retry", report["image_set_parked_for_retry"]),
-            ("image weights identical after restore", report["image_weights_identical_after_restore"]),
-            ("job seconds (with retry)", report["job_seconds_with_retry"]),
+            (f"total ({unit})", num("total")), (f"image set ({unit})", num("image_set")),
+            (f"video set ({unit})", num("video_set")),
+            ("both sets resident after load / load OOM retries",
+             f"{report.get('both_sets_resident_after_load')} / {report.get('load_oom_retries')}"),
+            (f"free with both sets ({unit})", num("free_with_both_sets")),
+            (f"job activations ({unit})", num("job_activations")),
+            ("attempts / oom_retries", f"{report.get('attempts', '-')} / {report.get('oom_retries', '-')}"),
+            ("image set parked for the retry", report.get("image_set_parked_for_retry", "-")),
+            ("image weights identical after restore", report.get("image_weights_identical_after_restore", "-")),
+            ("job seconds (with retry)", report.get("job_seconds_with_retry", "-")),
             ("retry_succeeded", report["retry_succeeded"])]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if report["error"]:
         print("error:", report["error"])
-    out = args.out
-    if out is None:
-        tag = gpu_slug(report["device_name"]) if args.device == "cuda" else "cpu"
-        out = Path("bench/results") / f"{report['date']}-{tag}-oom.json"
+    out = output_path(args.out, report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -441,6 +441,32 @@ class ModelManager:
                 if ms.name != except_name:
                     self.park(ms.name)
 
+    def close(self) -> None:
+        """Give back everything this manager holds: device buffers, and its page-locked host memory unregistered.
+
+        Unregistering is not left to the garbage collector so that a process making one
+        manager after another (the GPU tests, tools) never maps new host memory while an
+        old registration may still be alive (see :mod:`storystudio.models.host_memory`).
+        Every set becomes unloaded: engines returned before lose their weights (their
+        tensors become ``meta``), and a later :meth:`ensure` loads a set afresh.
+        """
+        with self._lock:
+            self._sync()
+            for ms in self._sets.values():
+                for comp in ms.components:
+                    try:
+                        comp.layout.drop()
+                    except RuntimeError as exc:  # a tensor someone else still holds: its memory goes with it
+                        logger.warning("closing: %s keeps its weights (%s)", comp.key, exc)
+                    comp.release()
+                ms.engine = None
+                ms.components = []
+                ms.load_seconds = None
+            if self._staging is not None:
+                self._staging.buffer.release()
+                self._staging = None
+            self._free_cuda_cache()
+
     def adopt_components(self, name: str) -> list[str]:
         """Manage the components the loaded engine of ``name`` has added since it was loaded.
 
@@ -670,7 +696,7 @@ class ModelManager:
             try:
                 comp.sources = comp.layout.complete(comp.sources)
                 if comp.parks_to_host:
-                    comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+                    comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks(), device=self.device)
                     stats = fill(comp.layout, comp.sources, flat, host=comp.host, pin=self.pin_memory,
                                  threads=self.read_threads)
                 else:
@@ -687,7 +713,7 @@ class ModelManager:
                 raise ValueError(f"{comp.key} has meta tensors but the loader gave no sources for them")
             target = flat
             if comp.parks_to_host:
-                comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+                comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks(), device=self.device)
                 if self.pin_memory:
                     comp.host.pin()  # before the copies: device→host at full speed
                 target = comp.host.tensor
@@ -708,7 +734,7 @@ class ModelManager:
         if self.device.type == "cpu":
             return None
         if self._staging is None:
-            self._staging = StagingRing(pin=self.pin_memory)
+            self._staging = StagingRing(pin=self.pin_memory, device=self.device)
         return self._staging
 
     def _alloc_device(self, nbytes: int) -> torch.Tensor:
@@ -724,7 +750,7 @@ class ModelManager:
         t0 = time.perf_counter()
         if comp.host is None and comp.late:
             # Built during a job: its parking buffer is made now, pageable (see adopt_components).
-            comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks())
+            comp.host = HostBuffer(comp.key, comp.nbytes, comp.layout.host_chunks(), device=self.device)
             for slot in comp.layout.slots:
                 if slot.nbytes:
                     Layout.view(comp.host.tensor, slot).copy_(slot.tensor.data, non_blocking=True)

@@ -252,10 +252,11 @@ def _fill_piece(piece: _Piece, dst: torch.Tensor, files: _Files) -> int:
 class StagingRing:
     """A few page-locked slots that stream a component to the device without a full host copy."""
 
-    def __init__(self, *, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES, pin: bool = True) -> None:
+    def __init__(self, *, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES, pin: bool = True,
+                 device: torch.device | None = None) -> None:
         self.slot_bytes = slot_bytes
         chunks = [(i * slot_bytes, (i + 1) * slot_bytes) for i in range(slots)]
-        self.buffer = HostBuffer("staging", slots * slot_bytes, chunks)
+        self.buffer = HostBuffer("staging", slots * slot_bytes, chunks, device=device)
         if pin:
             self.buffer.pin()
         self._events: list[torch.cuda.Event | None] = [None] * slots

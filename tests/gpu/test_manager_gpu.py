@@ -3,18 +3,25 @@ and an out-of-memory job that succeeds on its retry. Skipped without CUDA (``gpu
 
 Sizes are fractions of what is free on the card when the test starts, after a *hog* tensor has
 taken all but a few GiB, so the same tests run on an 80 GB H100 and a 141 GB H200.
+
+Every manager is made through the ``managers`` fixture, which closes it after the test and checks
+that no page-locked host memory is left registered: several managers live one after another in this
+process, and a parking buffer freed while still registered made the next test's registrations and
+device allocations fail (``cudaErrorHostMemoryAlreadyRegistered`` / ``cudaErrorAlreadyMapped``, first
+H100 run of issue 13).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from storystudio.errors import GenerationError
+from storystudio.models.host_memory import registered_bytes
 from storystudio.models.model_manager import GiB, ModelManager, measured_free_bytes
 
 pytestmark = pytest.mark.gpu
@@ -63,15 +70,31 @@ def device() -> Iterator[torch.device]:
     torch.cuda.empty_cache()
 
 
-def _manager(dev: torch.device, *, budget_gib: float | None, sizes: dict[str, dict[str, int]],
-             reserve_gib: float = 0.25) -> ModelManager:
-    mgr = ModelManager(dev, budget_gib=budget_gib, reserve_gib=reserve_gib)
-    for seed, (name, comps) in enumerate(sizes.items(), start=1):
-        # Built on the host and adopted: the manager alone puts weights on the device (no second copy there
-        # while a set loads, which would blur the memory figures these tests compare).
-        mgr.register(name, lambda d, c=comps, s=seed: Engine(c, torch.device("cpu"), s),
-                     size_hint_bytes=sum(comps.values()))
-    return mgr
+MakeManager = Callable[..., ModelManager]
+
+
+@pytest.fixture
+def managers(device) -> Iterator[MakeManager]:
+    """Makes the test's managers; closes them afterwards and checks that nothing stays page-locked."""
+    made: list[ModelManager] = []
+    assert registered_bytes() == 0, "an earlier test left host memory registered"
+
+    def make(*, budget_gib: float | None, sizes: dict[str, dict[str, int]], reserve_gib: float = 0.25) -> ModelManager:
+        mgr = ModelManager(device, budget_gib=budget_gib, reserve_gib=reserve_gib)
+        for seed, (name, comps) in enumerate(sizes.items(), start=1):
+            # Built on the host and adopted: the manager alone puts weights on the device (no second copy there
+            # while a set loads, which would blur the memory figures these tests compare).
+            mgr.register(name, lambda d, c=comps, s=seed: Engine(c, torch.device("cpu"), s),
+                         size_hint_bytes=sum(comps.values()))
+        made.append(mgr)
+        return mgr
+
+    yield make
+    for mgr in made:
+        mgr.close()
+    made.clear()
+    gc.collect()
+    assert registered_bytes() == 0, "a closed manager left host memory registered"
 
 
 SIZES = {"video": {"transformer": 1536 * MiB, "text_encoder": 512 * MiB, "vae": 64 * MiB},
@@ -82,9 +105,9 @@ def _set_bytes(name: str) -> int:
     return sum(SIZES[name].values())
 
 
-def test_park_and_restore_round_trip_is_bit_identical_and_frees_vram(device):
+def test_park_and_restore_round_trip_is_bit_identical_and_frees_vram(device, managers):
     budget = (_set_bytes("video") + _set_bytes("image") - 256 * MiB) / GiB  # both do not fit
-    mgr = _manager(device, budget_gib=budget, sizes=SIZES)
+    mgr = managers(budget_gib=budget, sizes=SIZES)
     img = mgr.ensure("image")
     before = img.snapshot()
     params = {n: p for n, m in img.components().items() for n2, p in m.named_parameters() if n2 == "w0"}
@@ -109,9 +132,9 @@ def test_park_and_restore_round_trip_is_bit_identical_and_frees_vram(device):
     assert stats.swaps >= 2 and stats.pinned_gib > 0 and stats.parked_gib > 0 and stats.restored_gib > 0
 
 
-def test_budget_bounds_the_resident_weights(device):
+def test_budget_bounds_the_resident_weights(device, managers):
     budget_bytes = _set_bytes("video") + 512 * MiB
-    mgr = _manager(device, budget_gib=budget_bytes / GiB, sizes=SIZES)
+    mgr = managers(budget_gib=budget_bytes / GiB, sizes=SIZES)
     base = torch.cuda.memory_allocated(device)
     for name in ("image", "video", "image", "video"):
         mgr.ensure(name, working_bytes=256 * MiB)
@@ -126,9 +149,9 @@ def _component_sizes() -> dict[str, int]:
     return {f"{s}.{c}": n for s, comps in SIZES.items() for c, n in comps.items()}
 
 
-def test_room_check_trusts_measured_free_memory(device):
+def test_room_check_trusts_measured_free_memory(device, managers):
     """A budget too large to ever park by bookkeeping; memory taken behind the manager's back is seen."""
-    mgr = _manager(device, budget_gib=10_000, sizes=SIZES)
+    mgr = managers(budget_gib=10_000, sizes=SIZES)
     mgr.ensure("video")
     free = measured_free_bytes(device)
     assert free is not None
@@ -140,11 +163,11 @@ def test_room_check_trusts_measured_free_memory(device):
     del stranger
 
 
-def test_oom_job_succeeds_on_retry_after_the_failed_attempt_is_freed(device):
+def test_oom_job_succeeds_on_retry_after_the_failed_attempt_is_freed(device, managers):
     """Both sets resident, a job needing more than is free: the first attempt holds half of its activations
     when it runs out of memory. The retry fits only if the image set is parked AND that half is freed,
     i.e. only if the retry runs after leaving the ``except`` block."""
-    mgr = _manager(device, budget_gib=10_000, sizes=SIZES)  # bookkeeping never parks: the job was underestimated
+    mgr = managers(budget_gib=10_000, sizes=SIZES)  # bookkeeping never parks: the job was underestimated
     img = mgr.ensure("image")
     before = img.snapshot()
     mgr.ensure("video")
@@ -169,8 +192,8 @@ def test_oom_job_succeeds_on_retry_after_the_failed_attempt_is_freed(device):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_oom_twice_is_out_of_memory_and_the_manager_stays_usable(device):
-    mgr = _manager(device, budget_gib=10_000, sizes=SIZES)
+def test_oom_twice_is_out_of_memory_and_the_manager_stays_usable(device, managers):
+    mgr = managers(budget_gib=10_000, sizes=SIZES)
     mgr.ensure("image")
 
     def too_big(engine):
