@@ -14,10 +14,14 @@ from storystudio.errors import InvalidInput
 from storystudio.fast_preset import SpeedKnobs
 from storystudio.limits import FAST_STEP_CACHE_THRESHOLD, STEP_CACHE_MIN_STEPS
 from storystudio.media import encode_png, probe_media
-from storystudio.models import fp8, speed
+from storystudio.models import attention_fp8, fp8, speed
 from storystudio.models.video_generator import VideoRequest, WanS2VGenerator
 from storystudio.tasks import BatchTask, VideoTask, parse_job_input
 from tests.test_worker import VIDEO, data_uri, make_worker
+
+# What a fast job reports where no 8-bit kernel runs: cuDNN FP8's reason depends on whether the
+# frontend wheel is installed here (CI installs it, it then needs CUDA), SageAttention is never installed.
+UNAVAILABLE_8BIT = f"unavailable: {attention_fp8.load()[1]}; sageattention is not installed"
 
 PNG = base64.b64encode(encode_png(Image.new("RGB", (64, 64), "gray"))).decode()
 
@@ -81,8 +85,7 @@ def test_a_preset_default_that_cannot_apply_is_not_an_error():
 def test_plan_on_cpu_emulates_fp8_and_reports_8bit_attention_unavailable():
     plan = speed.resolve_plan(SpeedKnobs.resolve("fast"), torch.device("cpu"))
     assert plan.fp8 is not None and plan.fp8.backend == "emulated" and plan.fp8_detail == "emulated (row-wise scales)"
-    assert not plan.attention_8bit and plan.attention_8bit_detail == (
-        "unavailable: cuDNN FP8: nvidia-cudnn-frontend is not installed; sageattention is not installed")
+    assert not plan.attention_8bit and plan.attention_8bit_detail == UNAVAILABLE_8BIT
     assert speed.idle_components(plan) == {speed.BF16_LINEARS}
     assert speed.idle_components(speed.EXACT) == {speed.FP8_WEIGHTS}
     assert speed.resolve_plan(SpeedKnobs(), "cpu").is_exact
@@ -180,7 +183,7 @@ def test_fast_video_job_end_to_end(tiny_models, tmp_path):
     sp = fast["speed"]
     assert sp["fp8"] is True and sp["attention_8bit"] is False and sp["step_cache"] == 1.0
     assert sp["details"] == {"fp8": "emulated (row-wise scales)",
-                             "attention_8bit": "unavailable: cuDNN FP8: nvidia-cudnn-frontend is not installed; sageattention is not installed"}
+                             "attention_8bit": UNAVAILABLE_8BIT}
     assert sp["steps"] == 6 and sp["skipped_steps"] == [2] and sp["skipped_step_indices"] == [[2, 3]]
     res = worker.manager.component_residency()
     assert res["video.transformer_fp8"] is True, "the FP8 copy is a managed component"
