@@ -8,6 +8,7 @@ is read back: objects through boto3, URLs through HTTP, media decoded and measur
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -92,9 +93,11 @@ def _empty_wav() -> bytes:
     return buf.getvalue()
 
 
-def start_local_api(env: dict, log: Path, *, startup_s: float) -> tuple[subprocess.Popen, str]:
-    """``python handler.py --rp_serve_api`` on a free port, output appended to ``log``;
-    returns once its API answers (the test fails with the log's tail if it exits or is late)."""
+@contextlib.contextmanager
+def local_api(env: dict, log: Path, *, startup_s: float) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python handler.py --rp_serve_api`` on a free port, output appended to ``log``; yields
+    ``(process, url)`` once its API answers (the test fails with the log's tail if it exits or is
+    late) and stops the process on exit (terminate, then kill), whatever state it is in."""
     port = _free_port()
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -108,13 +111,22 @@ def start_local_api(env: dict, log: Path, *, startup_s: float) -> tuple[subproce
             pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/docs", timeout=2).status_code < 500:
-                return proc, url
+                break
         except requests.ConnectionError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +147,8 @@ def worker_api(tiny_models, s3_server, tmp_path_factory) -> Iterator[str]:
         "STORYSTUDIO_S3_PREFIX": "e2e/",
         "PYTHONUNBUFFERED": "1",
     }
-    proc, url = start_local_api(env, log, startup_s=120)
-    try:
+    with local_api(env, log, startup_s=120) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def runsync(api: str, job_input: dict, timeout: float = 600) -> dict:

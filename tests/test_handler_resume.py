@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import requests
 from PIL import Image
 
 from storystudio.media import encode_audio, probe_media, synth_speech
-from tests.test_handler_api import FPS, IMAGE, VIDEO, start_local_api
+from tests.test_handler_api import FPS, IMAGE, VIDEO, local_api
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "resume-e2e/"
@@ -56,8 +55,7 @@ def test_sigkilled_batch_is_resumed_reusing_the_finished_scenes(tiny_models, s3_
                       {"scene_id": "s2", "prompt": "a harbour", "audio": _wav(3.0, 2)},
                       {"scene_id": "s3", "prompt": "a storm", "audio": _wav(3.0, 3)}]}
     log = tmp_path / "worker.log"
-    proc, url = start_local_api(env, log, startup_s=180)
-    try:
+    with local_api(env, log, startup_s=180) as (proc, url):
         def submit() -> None:  # the caller's request dies with the worker
             try:
                 requests.post(f"{url}/runsync", json={"input": job}, timeout=900)
@@ -75,25 +73,14 @@ def test_sigkilled_batch_is_resumed_reusing_the_finished_scenes(tiny_models, s3_
             assert time.monotonic() < limit, "scene s1 never finished:\n" + log.read_text()[-3000:]
             time.sleep(0.05)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == -signal.SIGKILL
     at_kill = manifest()
     assert at_kill is not None
     finished = {sid for sid, parts in at_kill["scenes"].items() if "video" in parts}
     assert "s1" in finished and finished != {"s1", "s2", "s3"}, f"the kill did not land mid-batch: {finished}"
 
-    proc, url = start_local_api(env, log, startup_s=180)
-    try:
-        r = requests.post(f"{url}/runsync", json={"input": job}, timeout=900)
-        body = r.json()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with local_api(env, log, startup_s=180) as (_, url):
+        body = requests.post(f"{url}/runsync", json={"input": job}, timeout=900).json()
     assert body["status"] == "COMPLETED", body
     out = body["output"]
     assert out["scenes_ok"] == 3 and out["scenes_failed"] == 0, out
