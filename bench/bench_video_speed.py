@@ -70,6 +70,7 @@ from storystudio.render import VIDEO_SET  # noqa: E402
 from storystudio.storage import StorageSettings  # noqa: E402
 from storystudio.synthetic.wan_s2v import write_wan_s2v_checkpoint  # noqa: E402
 from storystudio.worker import Worker  # noqa: E402
+from bench.video_fast_drift import relative_l2  # noqa: E402
 
 log = logging.getLogger("bench.video_speed")
 
@@ -333,13 +334,11 @@ class LatentRecorder:
         del self.engine._denoise
 
 
-def relative_l2(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | None:
-    """||got - want|| / ||want|| over all clips; None when the clip plans differ."""
+def scene_drift(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | None:
+    """The drift report's relative L2 over all clips; None when the two scenes' clip plans differ."""
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
         return None
-    num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, want))
-    den = sum(float(b.pow(2).sum()) for b in want)
-    return round((num / den) ** 0.5, 4) if den > 0 else None
+    return round(relative_l2(got, want), 4)
 
 
 def attention_8bit_check(device: torch.device, heads: int, head_dim: int, tokens: int) -> dict[str, Any]:
@@ -392,7 +391,7 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
             res[f"scene_5s_480p_{path}_skipped_steps"] = r["speed"].get("skipped_steps")
         if path == "fast" and "exact" in latents:
             # The whole preset's drift at the default steps: relative L2 of the final latents.
-            res["scene_5s_480p_fast_drift"] = relative_l2(latents["fast"], latents["exact"])
+            res["scene_5s_480p_fast_drift"] = scene_drift(latents["fast"], latents["exact"])
         dump()
 
 

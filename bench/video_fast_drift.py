@@ -76,7 +76,8 @@ def _run(engine: WanS2VGenerator, request: VideoRequest, plan: speed.SpeedPlan) 
     return latents, out.speed or {}, time.perf_counter() - t0
 
 
-def _rel_l2(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def relative_l2(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all clips' latents (``bench_video_speed.py`` uses it for the fast scene too)."""
     fa, fb = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
     return float((fa - fb).norm() / fb.norm())
 
@@ -105,8 +106,8 @@ def drift_report(engine: WanS2VGenerator, request: VideoRequest, *,
         latents, sp, seconds = _run(engine, request, plan)
         rows.append({
             "variant": name,
-            "rel_l2": _rel_l2(latents, exact_latents),
-            "rel_l2_per_clip": [_rel_l2([a], [b]) for a, b in zip(latents, exact_latents, strict=True)],
+            "rel_l2": relative_l2(latents, exact_latents),
+            "rel_l2_per_clip": [relative_l2([a], [b]) for a, b in zip(latents, exact_latents, strict=True)],
             "skipped_steps": sp["skipped_steps"],
             "seconds": round(seconds, 3),
             "fp8": plan.fp8_detail,
