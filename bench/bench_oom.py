@@ -6,8 +6,8 @@ low, so nothing was parked before it). Its first attempt allocates half of its a
 then runs out of memory. The manager must leave the ``except`` block (freeing the failed
 attempt's frames and their tensors), park the image set, and retry: the job needs
 ``free + image_set / 2`` bytes, which fit only once the image set is parked *and* the first
-attempt's half is freed (on an 80 GB H100: ~16.9 GiB free beside both sets, a 26.4 GiB job;
-the retry has 36 GiB, 22.8 GiB if the failed half were still held).
+attempt's half is freed (measured on an 80 GB H100: 16.8 GiB free beside both sets, a 26.3 GiB
+job; the retry has 35.9 GiB, 22.7 GiB if the failed half were still held).
 
 The manager is set up as the worker sets it up: the budget is the card's memory minus the
 reserve, and the largest planned video job is registered, so on an 80 GB card parking is
