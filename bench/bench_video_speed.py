@@ -8,7 +8,10 @@ One process, one loaded model; the engine's options are switched between runs (n
   compile), and the peak VRAM of the denoising loop. ``compile_cold_s`` = exact's first
   step minus its steady step; ``compile_warm_s`` = the same in a new process that reads the
   compile cache this run wrote (a subprocess, started after this process freed the GPU).
-  The attention self-check's per-backend timings are recorded too.
+  The attention self-check's per-backend timings are recorded too. All paths start from the
+  same inputs and seed, so ``exact_vs_baseline_drift`` (relative L2 of the final latents; bf16
+  kernel differences only) checks on the GPU that the exact path computes the same video, and
+  ``fast_vs_exact_drift`` is the fast knobs' drift over the timed steps.
 * ``scenes``: one 5 s scene end to end through ``Worker.handle`` (data-URI inputs, local
   storage) at the default 40 steps, exact and fast.
 
@@ -156,6 +159,7 @@ class StepTimer:
         self.step_s: list[float] = []
         self.peak_gib: float | None = None
         self._real = engine._denoise
+        self._nested = "_denoise" in engine.__dict__  # inside another wrapper: put that one back
 
     def __enter__(self) -> StepTimer:
         device = self.engine.device
@@ -180,14 +184,17 @@ class StepTimer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.engine._denoise
+        if self._nested:
+            self.engine._denoise = self._real
+        else:
+            del self.engine._denoise
 
 
 def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_backend: str) -> dict[str, Any]:
     """One single-clip generation on ``path``: per-step seconds, steady CFG step, peak VRAM."""
     engine = manager.ensure(VIDEO_SET)
     engine.options = options_for(path, compile_backend)
-    with StepTimer(engine) as timer:
+    with StepTimer(engine) as timer, LatentRecorder(engine) as rec:
         t0 = time.perf_counter()
         result = run_on_manager(manager, request_for(path, req, engine.device))
         wall = time.perf_counter() - t0
@@ -196,7 +203,7 @@ def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_b
     return {"step_s": [round(s, 4) for s in steps], "cfg_step_s": round(steady, 4),
             "first_step_s": round(steps[0], 4), "peak_gib": None if timer.peak_gib is None else round(timer.peak_gib, 2),
             "generate_s": round(wall, 3), "size": f"{result.width}x{result.height}", "engine": result.engine,
-            "speed": result.speed}
+            "speed": result.speed, "latents": rec.latents}
 
 
 def steps_request(shape: Shape, infer_frames: int, steps: int) -> VideoRequest:
@@ -249,11 +256,22 @@ def run_steps(manager: ModelManager, args: argparse.Namespace, prof: dict[str, A
     for label in args.resolutions:
         suffix = "" if label == "480p" else f"_{label}"
         req = steps_request(prof["shapes"][label], prof["infer_frames"], args.steps)
+        latents: dict[str, list[torch.Tensor]] = {}
         for path in args.paths:
             if path == "fast" and fast_note:
                 continue
             log.info("steps: %s on the %s path", label, path)
-            m = measure_steps(manager, req, path, prof["compile_backend"])
+            try:
+                m = measure_steps(manager, req, path, prof["compile_backend"])
+            except Exception as exc:  # noqa: BLE001 - one failing path must not cost the others' figures
+                log.exception("steps: %s on the %s path failed", label, path)
+                res[f"{path}_error{suffix}"] = f"{type(exc).__name__}: {exc}"[:1000]
+                dump()
+                gc.collect()
+                if manager.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            latents[path] = m.pop("latents")
             res[f"{path}_cfg_step_s{suffix}"] = m["cfg_step_s"]
             res[f"{path}_peak_gib{suffix}"] = m["peak_gib"]
             res.setdefault("steps_detail", {})[f"{path}{suffix}"] = m
@@ -265,6 +283,12 @@ def run_steps(manager: ModelManager, args: argparse.Namespace, prof: dict[str, A
             res[f"exact_speedup{suffix}"] = round(base / exact, 3)
         if base and res.get(f"fast_cfg_step_s{suffix}"):
             res[f"fast_speedup{suffix}"] = round(base / res[f"fast_cfg_step_s{suffix}"], 3)
+        # Same inputs and seed on every path: the exact path must land where the baseline does
+        # (float tolerance; the GPU's bf16 kernels differ), the fast path's drift is its knobs'.
+        if "baseline" in latents and "exact" in latents:
+            res[f"exact_vs_baseline_drift{suffix}"] = scene_drift(latents["exact"], latents["baseline"])
+        if "exact" in latents and "fast" in latents:
+            res[f"fast_vs_exact_drift{suffix}"] = scene_drift(latents["fast"], latents["exact"])
         dump()
 
 
@@ -294,6 +318,7 @@ def child_warm_compile(args: argparse.Namespace) -> None:
         args.wan_dir, device=device, options=options_for("exact", prof["compile_backend"])))
     req = steps_request(prof["shapes"][args.resolutions[0]], prof["infer_frames"], 2)
     m = measure_steps(manager, req, "exact", prof["compile_backend"])
+    m.pop("latents")
     m["compile_warm_s"] = round(m["first_step_s"] - m["cfg_step_s"], 2)
     m["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     Path(args.child_out).write_text(json.dumps(m))
@@ -320,6 +345,7 @@ class LatentRecorder:
     def __init__(self, engine: WanS2VGenerator) -> None:
         self.engine, self.latents = engine, []
         self._real = engine._denoise
+        self._nested = "_denoise" in engine.__dict__  # inside another wrapper: put that one back
 
     def __enter__(self) -> LatentRecorder:
         def denoise(*args, **kwargs):
@@ -331,7 +357,10 @@ class LatentRecorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.engine._denoise
+        if self._nested:
+            self.engine._denoise = self._real
+        else:
+            del self.engine._denoise
 
 
 def scene_drift(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | None:
@@ -342,23 +371,37 @@ def scene_drift(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | No
 
 
 def attention_8bit_check(device: torch.device, heads: int, head_dim: int, tokens: int) -> dict[str, Any]:
-    """The 8-bit kernel the fast preset uses, against exact SDPA at the DiT's real attention shape."""
+    """The 8-bit kernel the fast preset uses, and every importable candidate (chosen or refused),
+    against exact SDPA at the DiT's real attention shape: error and milliseconds side by side."""
     from storystudio.models import attention8
 
     status = attention8.attention8_status(device)
     out: dict[str, Any] = {"available": status.available, "kernel": status.kernel, "detail": status.detail}
-    if not status.available or device.type != "cuda":
+    if device.type != "cuda":
         return out
-    kernel = attention8._resolve(device)[1]
     shape = (1, tokens, heads, head_dim)
     g = torch.Generator(device="cpu").manual_seed(2)
     q, k, v = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for _ in range(3))
-    got = kernel(q, k, v, tensor_layout="NHD", is_causal=False).float()
     want = attention8._exact_nhd(q, k, v).float()
-    out.update(shape=list(shape), rel_error=round(float((got - want).norm() / want.norm()), 4),
-               ms=round(attention8.time_kernel(kernel, device, shape), 2),
-               exact_ms=round(attention8.time_kernel(attention8._exact_nhd, device, shape), 2))
-    del q, k, v, got, want
+    out.update(shape=list(shape), exact_ms=round(attention8.time_kernel(attention8._exact_nhd, device, shape), 2))
+    candidates: dict[str, Any] = {}
+    for name, loader in attention8._loaders().items():
+        kernel, detail = loader()
+        if kernel is None:
+            candidates[name] = {"loaded": False, "detail": detail}
+            continue
+        try:
+            got = kernel(q, k, v, tensor_layout="NHD", is_causal=False).float()
+            candidates[name] = {"loaded": True, "detail": detail,
+                                "rel_error": round(float((got - want).norm() / want.norm()), 4),
+                                "ms": round(attention8.time_kernel(kernel, device, shape), 2)}
+            del got
+        except Exception as exc:  # noqa: BLE001 - a refused or failing kernel is a finding, not a crash
+            candidates[name] = {"loaded": True, "detail": detail, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    out["candidates"] = candidates
+    if status.available and status.kernel in candidates:
+        out.update({k: candidates[status.kernel].get(k) for k in ("rel_error", "ms")})
+    del q, k, v, want
     return out
 
 
@@ -401,7 +444,8 @@ def print_table(res: dict[str, Any]) -> None:
           f"attention {res.get('attention_backend')}")
     print("\n| metric | 480p | 720p |\n|---|---|---|")
     for key in ("baseline_cfg_step_s", "exact_cfg_step_s", "fast_cfg_step_s", "exact_speedup", "fast_speedup",
-                "baseline_peak_gib", "exact_peak_gib", "fast_peak_gib", "compile_cold_s"):
+                "baseline_peak_gib", "exact_peak_gib", "fast_peak_gib", "compile_cold_s", "exact_vs_baseline_drift",
+                "fast_vs_exact_drift"):
         a, b = res.get(key), res.get(f"{key}_720p")
         if a is None and b is None:
             continue

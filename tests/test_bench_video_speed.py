@@ -38,7 +38,12 @@ def test_tiny_profile_runs_every_part(bench, tmp_path, capsys):
     assert len(detail["baseline"]["step_s"]) == len(detail["exact"]["step_s"]) == 2
     assert detail["baseline"]["engine"]["path"] == "baseline" and not detail["baseline"]["engine"]["compiled"]
     assert detail["exact"]["engine"]["compiled"] and detail["exact"]["engine"]["cfg_batched"]
+    assert detail["baseline"]["engine"]["rope"] == "official" and detail["exact"]["engine"]["rope"] == "fused"
     assert saved["compile_warm_detail"]["engine"]["compiled"]
+    # Same inputs and seed: the exact path lands where the baseline does (float32 on the CPU),
+    # the fast path's FP8 linears move it measurably.
+    assert saved["exact_vs_baseline_drift"] < 1e-3
+    assert saved["fast_vs_exact_drift"] > saved["exact_vs_baseline_drift"]
     assert saved["attention_backend"] == saved["attention_selfcheck"]["backend"]
     assert set(saved["attention_selfcheck"]["checks"]) >= {"math", "cudnn", "fa2"}
     scene = saved["scenes_detail"]["exact"]
