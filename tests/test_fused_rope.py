@@ -39,6 +39,17 @@ def test_rope_apply_equals_the_official_function(dtype):
     assert not torch.allclose(got, x.float())
 
 
+def test_float32_rotation_matches_the_official_float64_at_full_size_positions():
+    # A 480p clip's grid (21 x 28 x 52 latent positions; the table goes up to 1024 per axis):
+    # the largest angles, where a float32 rotation would first drift from float64.
+    table = _official_table(1, 21, 28, 52, heads=1, dim=128)
+    x = torch.randn(1, 21 * 28 * 52, 1, 128) * 4
+    got, want = rope_apply(x, None, table), OFFICIAL_ROPE(x, None, table)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-6, rel  # bf16, what attention receives, rounds at 2^-8 ~ 4e-3
+    assert (got.to(torch.bfloat16) != want.to(torch.bfloat16)).float().mean().item() < 1e-3
+
+
 def test_compact_table_keeps_one_row_per_token_with_the_same_values():
     table = _official_table(2, 3, 4, 5, heads=4, dim=16)
     compact = compact_table(table)
