@@ -14,6 +14,11 @@ each against what the exact path runs today:
 * ``ffn``: the FFN (Linear -> GELU(tanh) -> Linear), compiled, against the first linear
   with cuBLASLt's bias+GELU epilogue (``torch._addmm_activation``).
 
+Outcome on the H100 (bench/RESULTS.md): float32 RoPE went into the exact path; the GELU
+epilogue was built into the engine, then removed again: in the whole step it saved the
+0.05 s GELU kernel but made the GEMM 0.02 s slower, a net 0.5 % that did not show in the
+step time; cuDNN offers two SDPA plans and torch already runs the faster one.
+
 GPU:  python bench/exact_levers.py --out $OUT   (writes <date>-<gpu>-exact-levers.json)
 Random inputs; time and relative error only.
 """

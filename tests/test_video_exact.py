@@ -136,24 +136,8 @@ def test_exact_path_equals_baseline_when_the_audio_fills_the_clip(cached):
     assert exact.engine["cfg_batched"] and not base.engine["cfg_batched"]
     assert exact.engine["attention"] != "default" and base.engine["attention"] == "default"
     assert (exact.engine["rope"], base.engine["rope"]) == ("fused", "official")
-    assert (exact.engine["ffn"], base.engine["ffn"]) == ("fused", "official")
     torch.testing.assert_close(exact_lat[0], base_lat[0], rtol=1e-4, atol=1e-4)
     assert np.abs(exact.frames.astype(int) - base.frames.astype(int)).max() <= 1
-
-
-def test_exact_path_runs_the_fused_ffn_in_every_block_and_baseline_does_not(engine, monkeypatch):
-    from storystudio.models import fused_ffn
-
-    calls = []
-    real = fused_ffn.linear_gelu_tanh
-    monkeypatch.setattr(fused_ffn, "linear_gelu_tanh", lambda *a: calls.append(1) or real(*a))
-    blocks = len(engine.transformer.blocks)
-    _run(engine, replace(EXACT, compile="off"), _req(FULL_CLIP_S, steps=1))
-    assert len(calls) == blocks  # one CFG-batched forward: each block's FFN once
-    calls.clear()
-    _run(engine, replace(BASELINE), _req(FULL_CLIP_S, steps=1))
-    assert calls == []
-    assert all(type(b.ffn[0]) is torch.nn.Linear for b in engine.transformer.blocks)
 
 
 def test_cfg_batch_equals_two_forwards(cached):
@@ -341,13 +325,11 @@ def test_options_from_env():
     assert (opts.name, opts.attention, opts.compile, opts.cfg_batch, opts.trim_last_clip, opts.rope) == (
         "baseline", "cudnn", "on", "off", False, "official")
     assert VideoPathOptions.from_env({"STORYSTUDIO_ROPE": "official"}).rope == "official"
-    assert (opts.ffn, VideoPathOptions().ffn) == ("official", "fused")
-    assert VideoPathOptions.from_env({"STORYSTUDIO_FFN": "official"}).ffn == "official"
 
 
 @pytest.mark.parametrize("var,value", [("STORYSTUDIO_VIDEO_PATH", "fast"), ("STORYSTUDIO_ATTENTION", "sage"),
                                        ("STORYSTUDIO_COMPILE", "yes"), ("STORYSTUDIO_CFG_BATCH", "2"),
-                                       ("STORYSTUDIO_ROPE", "complex"), ("STORYSTUDIO_FFN", "gelu")])
+                                       ("STORYSTUDIO_ROPE", "complex")])
 def test_bad_option_values_are_config_errors(var, value):
     with pytest.raises(InvalidInput, match=var) as err:
         VideoPathOptions.from_env({var: value})
@@ -358,7 +340,6 @@ def test_attention_choice_follows_the_options(engine, cached):
     r, _, _ = _run(engine, replace(EXACT, attention="math"), _req(0.5, steps=1))
     assert r.engine["attention"] == "math" and engine.attention.backend == "math"
     base, _, _ = cached("baseline")
-    assert base.engine == {"path": "baseline", "attention": "default", "rope": "official", "ffn": "official",
-                           "cfg_batched": False,
+    assert base.engine == {"path": "baseline", "attention": "default", "rope": "official", "cfg_batched": False,
                            "compiled": False,
                            "clip_frames": [16], "cfg_batched_clips": 0, "compiled_clips": 0, "notes": []}

@@ -52,7 +52,6 @@ from storystudio.models.attention import AttentionSelection, select_backend
 from storystudio.models.compile import COMPILE_CACHE_DIRNAME, BlockCompiler, configure_cache
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
-from storystudio.models.fused_ffn import fused_ffn
 from storystudio.models.fused_rope import fused_rope
 from storystudio.models.video_path import VideoPathOptions
 from storystudio.models.checkpoints.common import read_json, serialized_build
@@ -161,7 +160,6 @@ class EngineReport:
     attention: str  # the attention backend that ran
     clip_frames: list[int]
     rope: str = "official"  # fused | official (VideoPathOptions.rope)
-    ffn: str = "official"  # fused | official (VideoPathOptions.ffn)
     cfg_batched_clips: int = 0  # clips whose CFG branches ran as one batch-2 forward
     guided_clips: int = 0  # clips with guidance > 1
     compiled_clips: int = 0  # clips that ran on the compiled DiT blocks
@@ -180,7 +178,6 @@ class EngineReport:
             "path": self.path,
             "attention": self.attention,
             "rope": self.rope,
-            "ffn": self.ffn,
             "cfg_batched": self.guided_clips > 0 and self.cfg_batched_clips == self.guided_clips,
             "compiled": self.compiled_clips > 0,
             "clip_frames": self.clip_frames,
@@ -618,8 +615,7 @@ class WanS2VGenerator:
         """The official ``WanS2V.generate`` as named phases; see each method."""
         plan = self._plan(req)
         report = EngineReport(path=self.options.name, attention=self._attention_backend(),
-                              clip_frames=list(plan.clip_frames), rope=self.options.rope,
-                              ffn=self.options.ffn)
+                              clip_frames=list(plan.clip_frames), rope=self.options.rope)
         audio_emb = self._embed_audio(req.audio, plan)
         ref_latents, motion_latents, last_frames = self._reference_and_motion(req.image, plan)
         pose = self._pose_cond(req.pose_frames, plan.num_clips, plan.infer_frames, plan.height, plan.width)
@@ -763,9 +759,7 @@ class WanS2VGenerator:
             call_model = _deciding_steps(cache, call_model)
         compiled = self._clip_compiled(clip.frames, plan.infer_frames)
         rng_state = clip.generator.get_state()
-        # The FFN fusion goes on after the fast knobs: an FFN whose linear runs in FP8 keeps its own kernels.
-        ffn = fused_ffn(self.transformer) if self.options.ffn == "fused" else contextlib.nullcontext()
-        with speed.applied(self.transformer, self.transformer_fp8, req.speed, self.device), ffn:
+        with speed.applied(self.transformer, self.transformer_fp8, req.speed, self.device):
             if not compiled:
                 latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
             else:

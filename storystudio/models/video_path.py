@@ -16,8 +16,6 @@ trim_last_clip     the last clip only as long as the audio        every clip ``i
 rope               ``fused``: the RoPE table on the GPU, the      ``official``: table on the CPU,
                    rotation in real float32 arithmetic that       complex128 product per call
                    inductor fuses (``STORYSTUDIO_ROPE``)
-ffn                ``fused``: the FFN's GELU in the first         ``official``: GELU as its own
-                   GEMM's epilogue (``STORYSTUDIO_FFN``)          kernel
 =================  =============================================  ==============================
 
 ``STORYSTUDIO_VIDEO_PATH=baseline`` selects the right-hand column as a whole; the
@@ -38,9 +36,9 @@ from storystudio.models.attention import REQUESTS as ATTENTION_REQUESTS
 
 Switch = Literal["auto", "on", "off"]
 PathName = Literal["exact", "baseline"]
-Fusion = Literal["fused", "official"]
+Rope = Literal["fused", "official"]
 _SWITCHES = ("auto", "on", "off")
-_FUSIONS = ("fused", "official")
+_ROPES = ("fused", "official")
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,7 @@ class VideoPathOptions:
     cfg_batch: Switch = "auto"  # auto: batch when the activation estimate fits in free memory
     compile: Switch = "auto"  # auto: on for CUDA, off for CPU
     trim_last_clip: bool = True
-    rope: Fusion = "fused"  # storystudio.models.fused_rope; same positions and math as the official
-    ffn: Fusion = "fused"  # storystudio.models.fused_ffn; the official FFN, GELU in the GEMM epilogue
+    rope: Rope = "fused"  # storystudio.models.fused_rope; same positions and math as the official
     compile_backend: str = "inductor"  # tests use "aot_eager" to check the mechanics without a C++ build
 
     def __post_init__(self) -> None:
@@ -64,21 +61,19 @@ class VideoPathOptions:
         for knob in ("cfg_batch", "compile"):
             if getattr(self, knob) not in _SWITCHES:
                 raise ValueError(f"{knob} must be auto, on or off, got {getattr(self, knob)!r}")
-        for knob in ("rope", "ffn"):
-            if getattr(self, knob) not in _FUSIONS:
-                raise ValueError(f"{knob} must be fused or official, got {getattr(self, knob)!r}")
+        if self.rope not in _ROPES:
+            raise ValueError(f"rope must be fused or official, got {self.rope!r}")
 
     @classmethod
     def baseline(cls) -> VideoPathOptions:
         """The engine as it was before issue 10: two forwards, default attention, eager, full clips,
-        the official RoPE and FFN."""
+        the official RoPE."""
         return cls(name="baseline", attention="default", cfg_batch="off", compile="off", trim_last_clip=False,
-                   rope="official", ffn="official")
+                   rope="official")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> VideoPathOptions:
-        """``STORYSTUDIO_VIDEO_PATH``, then ``STORYSTUDIO_ATTENTION`` / ``_CFG_BATCH`` / ``_COMPILE`` / ``_ROPE`` /
-        ``_FFN``."""
+        """``STORYSTUDIO_VIDEO_PATH``, then ``STORYSTUDIO_ATTENTION`` / ``_CFG_BATCH`` / ``_COMPILE`` / ``_ROPE``."""
         env = os.environ if env is None else env
 
         def get(name: str) -> str:
@@ -93,8 +88,7 @@ class VideoPathOptions:
         for var, knob, allowed in (("STORYSTUDIO_ATTENTION", "attention", ATTENTION_REQUESTS),
                                    ("STORYSTUDIO_CFG_BATCH", "cfg_batch", _SWITCHES),
                                    ("STORYSTUDIO_COMPILE", "compile", _SWITCHES),
-                                   ("STORYSTUDIO_ROPE", "rope", _FUSIONS),
-                                   ("STORYSTUDIO_FFN", "ffn", _FUSIONS)):
+                                   ("STORYSTUDIO_ROPE", "rope", _ROPES)):
             value = get(var)
             if not value:
                 continue
