@@ -28,6 +28,7 @@ Writes ``<out>/<date>-<gpu>x<N>-multigpu.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -151,8 +152,6 @@ class Timer:
 def _autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=dtype)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -163,6 +162,7 @@ def rank_entry(rank: int, args: dict[str, Any], inboxes: list[Any], results: Any
     logging.basicConfig(level=logging.INFO, force=True,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     from storystudio.distributed.parallel_dit import Comm, ParallelDiT, follow
+    from storystudio.models.fused_rope import fused_rope
     from storystudio.patches import wan22
 
     n = args["ranks"]
@@ -196,7 +196,7 @@ def rank_entry(rank: int, args: dict[str, Any], inboxes: list[Any], results: Any
         results.put(out)
         return
 
-    timings: dict[str, Any] = {"attention": wan22.attention_backend()}
+    timings: dict[str, Any] = {"attention": wan22.attention_backend(), "rope": args["rope"]}
     pdit = ParallelDiT(model, comm, inboxes, "ulysses")
     dist_barrier()
     for res in args["resolutions"]:
@@ -220,7 +220,10 @@ def rank_entry(rank: int, args: dict[str, Any], inboxes: list[Any], results: Any
             return pdit.forward(**both)[:1]
 
         def measure(fn) -> tuple[float, torch.Tensor]:
-            with torch.no_grad(), _autocast(device, dtype):
+            # The worker's exact path runs the fused RoPE (rank 0's engine enters it for every
+            # generation and the followers are told per forward); --rope official measures the old one.
+            rope = fused_rope(model, device) if args["rope"] == "fused" else contextlib.nullcontext()
+            with torch.no_grad(), _autocast(device, dtype), rope:
                 for _ in range(warmup):
                     fn()
                 timer.sync()
@@ -275,6 +278,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=80, help="frames per clip (official 80)")
     ap.add_argument("--steps", type=int, default=1, help="timed CFG steps per measurement")
     ap.add_argument("--warmup", type=int, default=1, help="untimed CFG steps first")
+    ap.add_argument("--rope", choices=["fused", "official"], default="fused",
+                    help="the RoPE of every measured forward (fused: the worker's exact path)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -289,7 +294,7 @@ def main() -> None:
         raise SystemExit(f"--ranks {n} but {torch.cuda.device_count()} GPU(s) visible")
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     spec = {"ranks": n, "device": args.device, "profile": args.profile, "resolutions": resolutions,
-            "frames": args.frames, "steps": args.steps, "warmup": args.warmup,
+            "frames": args.frames, "steps": args.steps, "warmup": args.warmup, "rope": args.rope,
             "init_method": f"tcp://127.0.0.1:{_free_port()}"}
     ctx = mp.get_context("spawn")
     inboxes = [ctx.Queue() for _ in range(n - 1)]
@@ -331,6 +336,7 @@ def summarize(outs: list[dict[str, Any]], args: argparse.Namespace, n: int, wall
         "profile": args.profile,
         "torch": torch.__version__,
         "attention": timings["attention"],
+        "rope": timings["rope"],
         "frames": args.frames,
         "steps_timed": args.steps,
         "env": dict(MULTICAST_OFF_ENV),
@@ -343,7 +349,7 @@ def summarize(outs: list[dict[str, Any]], args: argparse.Namespace, n: int, wall
         "efficiency": {},
     }
     for res, row in timings.items():
-        if res == "attention":
+        if res in ("attention", "rope"):
             continue
         modes = [m for m in ("ulysses", "cfg") if f"cfg_step_s_{m}" in row]
         best = min(modes, key=lambda m: row[f"cfg_step_s_{m}"])

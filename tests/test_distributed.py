@@ -110,10 +110,24 @@ def _sp_rank(rank: int, size: int, init_method: str, wan_dir: str, calls_path: s
                 cond_states=torch.cat([cond["cond_states"]] * 2),
                 motion_latents=torch.cat([cond["motion_latents"]] * 2),
                 ref_latents=torch.cat([cond["ref_latents"]] * 2))
+    from storystudio.models import fused_rope as fused_rope_module
+    from storystudio.models.fused_rope import fused_rope
+
+    fused_calls = [0]
+    real_rope = fused_rope_module.rope_apply
+
+    def counting_rope(*args, **kwargs):
+        fused_calls[0] += 1
+        return real_rope(*args, **kwargs)
+
+    fused_rope_module.rope_apply = counting_rope  # the SP attention looks the name up at call time
     with torch.no_grad():
         sp_cond = execute(model, comm, "ulysses", cond)
         sp_uncond = execute(model, comm, "ulysses", uncond)
         cfg = execute(model, comm, "cfg", both)
+        with fused_rope(model, torch.device("cpu")):  # the exact path's RoPE, as rank 0's engine announces it
+            fused_cfg = execute(model, comm, "cfg", both)
+        fused_calls_forward, fused_calls[0] = fused_calls[0], 0
         if rank == 0:
             ref_cond, ref_uncond = model(**cond), model(**uncond)
             results.put({
@@ -121,6 +135,9 @@ def _sp_rank(rank: int, size: int, init_method: str, wan_dir: str, calls_path: s
                 "ulysses": max(float((a - b).abs().max()) for a, b in ((sp_cond[0], ref_cond[0]),
                                                                        (sp_uncond[0], ref_uncond[0]))),
                 "cfg": max(float((cfg[0] - ref_cond[0]).abs().max()), float((cfg[1] - ref_uncond[0]).abs().max())),
+                "cfg_fused_rope": max(float((fused_cfg[0] - ref_cond[0]).abs().max()),
+                                      float((fused_cfg[1] - ref_uncond[0]).abs().max())),
+                "fused_rope_calls": fused_calls_forward,
                 "scale": float(ref_cond[0].abs().mean()),
                 "differ": float((ref_cond[0] - ref_uncond[0]).abs().max()),
             })
@@ -129,6 +146,7 @@ def _sp_rank(rank: int, size: int, init_method: str, wan_dir: str, calls_path: s
     # The engine end to end: rank 0's Wan engine with the parallel DiT, the others following.
     if rank != 0:
         follow(comm, inboxes[rank - 1], lambda: model)
+        results.put({"follower_fused_rope_calls": fused_calls[0]})
         return
     engine = WanS2VGenerator.from_pretrained(Path(wan_dir), device="cpu")
     single = engine.generate(_engine_request()).frames.astype(np.int16)
@@ -156,7 +174,7 @@ def test_distributed_sp_forward_and_generation_equal_one_rank(tiny_models, tmp_p
         p.start()
     try:
         got = results.get(timeout=300)
-        video = results.get(timeout=300) if ranks == 2 else None
+        later = [results.get(timeout=300) for _ in range(2 if ranks == 2 else 0)]  # video, follower (any order)
     finally:
         for p in procs:
             p.join(60)
@@ -167,8 +185,13 @@ def test_distributed_sp_forward_and_generation_equal_one_rank(tiny_models, tmp_p
     # float32 on CPU: only the summation order differs from the official forward
     assert got["ulysses"] <= 1e-4 * max(1.0, got["scale"]), got
     assert got["cfg"] <= 1e-4 * max(1.0, got["scale"]), got
-    if video is None:
+    assert got["cfg_fused_rope"] <= 1e-4 * max(1.0, got["scale"]), got
+    assert got["fused_rope_calls"] > 0, "the fused RoPE must really run in the SP attention"
+    if not later:
         return
+    video = next(r for r in later if "frames_shape" in r)
+    # Rank 0's engine runs the exact path (fused RoPE): the follower was told and used it too.
+    assert next(r for r in later if "follower_fused_rope_calls" in r)["follower_fused_rope_calls"] > 0
     # 1.5 s of audio, 16 frames per clip: two clips, motion frames carried over, 2 steps each
     assert video["frames_shape"] == (24, 64, 64, 3) and video["frames_std"] > 0
     assert video["frames_max_diff"] <= 1, "uint8 frames before encoding: at most a rounding step apart"
@@ -315,6 +338,7 @@ def test_multigpu_bench_runs_end_to_end_on_cpu(tmp_path):
     (path,) = tmp_path.glob("*-cpux2-multigpu.json")
     data = json.loads(path.read_text())
     assert data["gpus"] == 2 and data["env"]["NCCL_NVLS_ENABLE"] == "0"
+    assert data["rope"] == "fused"  # what the worker's exact path runs, on every rank
     for res in ("480p", "720p"):
         row = data[res]
         assert row["cfg_step_s_1gpu"] > 0 and row["cfg_step_s_ngpu"] > 0 and row["speedup"] > 0

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from storystudio.distributed.sequence_parallel import SPGroup, sp_forward
+from storystudio.models import fused_rope
 from storystudio.errors import GenerationError
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Message:
     spec: Any = None
     metas: tuple[_TensorMeta, ...] = ()
     autocast: torch.dtype | None = None  # rank 0's autocast dtype: all ranks must compute alike
+    fused_rope: bool = False  # rank 0 runs the exact path's RoPE (storystudio.models.fused_rope): so do all
 
 
 def _broadcast_tensors(comm: Comm, metas: tuple[_TensorMeta, ...], tensors: list[torch.Tensor] | None,
@@ -235,7 +237,7 @@ class ParallelDiT:
         kind = self.comm.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         try:
-            self._send(Message("forward", self.mode, spec, tuple(metas), autocast))
+            self._send(Message("forward", self.mode, spec, tuple(metas), autocast, fused_rope.is_active()))
             _broadcast_tensors(self.comm, tuple(metas), tensors, self.comm.device)
             out = execute(self.model, self.comm, self.mode, call)
         except BaseException as exc:
@@ -276,5 +278,6 @@ def follow(comm: Comm, inbox: Any, get_model: Callable[[], nn.Module], *, poll_s
         call = _unflatten(msg.spec, tensors)
         autocast = (torch.autocast(device.type, dtype=msg.autocast) if msg.autocast is not None
                     else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        rope = fused_rope.fused_rope(model, device) if msg.fused_rope else contextlib.nullcontext()
+        with torch.no_grad(), autocast, rope:
             execute(model, comm, msg.mode, call)

@@ -20,6 +20,10 @@ How (DeepSpeed-Ulysses, as the official ``wan/distributed`` code does, arXiv 230
   frame's audio tokens. The official code all-gathers the whole sequence for it and
   runs it redundantly on every rank; here each rank injects only its own tokens, padding
   the partial frames at the slice edges, which keeps the per-rank work at 1/N.
+* RoPE: with the exact path's fused RoPE (:mod:`storystudio.models.fused_rope`, which rank
+  0's engine announces with every forward) the table is built on the GPU and kept as one
+  row per token; the rotation is the same. Built from the CPU table on every rank, it was
+  a serial cost that did not shrink with N.
 * The output head is per token too: it runs on the local video tokens and only its small
   output (64 channels instead of 5120) is gathered.
 
@@ -44,6 +48,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from storystudio.models import fused_rope
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -145,14 +151,15 @@ def _ulysses_self_attention(self, x, seq_lens, grid_sizes, freqs, *, sp: SPGroup
     """``WanS2VSelfAttention.forward`` for a sequence slice (bound to one attention module)."""
     from wan.modules.s2v.model_s2v import rope_apply_usp
 
+    rope = fused_rope.rope_apply if fused_rope.is_active() else rope_apply_usp
     b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
     q = self.norm_q(self.q(x)).view(b, s, n, d)
     k = self.norm_k(self.k(x)).view(b, s, n, d)
     v = self.v(x).view(b, s, n, d)
     # ``freqs`` holds this slice's rows of the global RoPE table, so the official
     # per-token rotation gives global positions.
-    q = rope_apply_usp(q, grid_sizes, freqs)
-    k = rope_apply_usp(k, grid_sizes, freqs)
+    q = rope(q, grid_sizes, freqs)
+    k = rope(k, grid_sizes, freqs)
     if v.dtype in _HALF:
         # rope returns float32; the attention casts to the model dtype anyway (same
         # values), so casting first halves the bytes the all-to-all moves.
@@ -346,7 +353,10 @@ def sp_forward(model: nn.Module, sp: SPGroup, **kwargs: Any) -> list[torch.Tenso
     # first non-video token; in slice coordinates that is seg_idx - start (the block
     # clamps it to the slice).
     e0 = [p.e0, torch.tensor(p.seg_idx - start)]
-    block_kwargs = dict(e=e0, seq_lens=p.seq_lens, grid_sizes=p.grid_sizes, freqs=p.freqs[:, start:stop],
+    # The exact path's RoPE (all ranks follow rank 0): the table built on the GPU from the
+    # moved position table, one row per token instead of one per token and head.
+    freqs = fused_rope.compact_table(p.freqs) if fused_rope.is_active() else p.freqs
+    block_kwargs = dict(e=e0, seq_lens=p.seq_lens, grid_sizes=p.grid_sizes, freqs=freqs[:, start:stop],
                         context=p.context, context_lens=None)
     with ulysses_attention(model, sp, sizes):
         for idx, block in enumerate(model.blocks):
