@@ -151,15 +151,29 @@ def options_for(path: str, compile_backend: str) -> VideoPathOptions:
     return VideoPathOptions(compile="on", compile_backend=compile_backend)
 
 
-class StepTimer:
-    """Wraps ``engine._denoise`` so that each DiT call (one CFG step) is timed and the loop's peak VRAM read."""
+class DenoiseWrapper:
+    """Replaces ``engine._denoise`` for a ``with`` block and puts back what was there (another
+    wrapper when nested, else the class method)."""
 
     def __init__(self, engine: WanS2VGenerator) -> None:
         self.engine = engine
+        self._real = engine._denoise
+        self._nested = "_denoise" in engine.__dict__
+
+    def __exit__(self, *exc: object) -> None:
+        if self._nested:
+            self.engine._denoise = self._real
+        else:
+            del self.engine._denoise
+
+
+class StepTimer(DenoiseWrapper):
+    """Wraps ``engine._denoise`` so that each DiT call (one CFG step) is timed and the loop's peak VRAM read."""
+
+    def __init__(self, engine: WanS2VGenerator) -> None:
+        super().__init__(engine)
         self.step_s: list[float] = []
         self.peak_gib: float | None = None
-        self._real = engine._denoise
-        self._nested = "_denoise" in engine.__dict__  # inside another wrapper: put that one back
 
     def __enter__(self) -> StepTimer:
         device = self.engine.device
@@ -182,12 +196,6 @@ class StepTimer:
 
         self.engine._denoise = denoise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._nested:
-            self.engine._denoise = self._real
-        else:
-            del self.engine._denoise
 
 
 def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_backend: str) -> dict[str, Any]:
@@ -339,13 +347,12 @@ def scene_job(job_id: str, prof: dict[str, Any], shape: Shape, preset: str | Non
     return {"id": job_id, "input": inp}
 
 
-class LatentRecorder:
-    """Keeps each clip's final latents (a CPU copy) while a job runs: the fast scene's drift."""
+class LatentRecorder(DenoiseWrapper):
+    """Keeps each clip's final latents (a CPU copy) while a job runs: the paths' drift."""
 
     def __init__(self, engine: WanS2VGenerator) -> None:
-        self.engine, self.latents = engine, []
-        self._real = engine._denoise
-        self._nested = "_denoise" in engine.__dict__  # inside another wrapper: put that one back
+        super().__init__(engine)
+        self.latents: list[torch.Tensor] = []
 
     def __enter__(self) -> LatentRecorder:
         def denoise(*args, **kwargs):
@@ -355,12 +362,6 @@ class LatentRecorder:
 
         self.engine._denoise = denoise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._nested:
-            self.engine._denoise = self._real
-        else:
-            del self.engine._denoise
 
 
 def scene_drift(got: list[torch.Tensor], want: list[torch.Tensor]) -> float | None:

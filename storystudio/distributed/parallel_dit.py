@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from storystudio.distributed.sequence_parallel import SPGroup, sp_forward
-from storystudio.models import fused_rope
 from storystudio.errors import GenerationError
+from storystudio.models import fused_rope
 
 log = logging.getLogger(__name__)
 
