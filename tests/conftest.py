@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_raises_keyboard_interrupt() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it, however pytest was started.
+
+    Why: a shell without job control starts background commands (``cmd &``, CI wrappers)
+    with SIGINT ignored, Python keeps an inherited ``SIG_IGN``, and so do the processes it
+    spawns; the Ctrl-C tests of the backend client would then see nothing. A Python
+    handler (unlike ``SIG_IGN``) is reset to the default in exec'd children.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session")
