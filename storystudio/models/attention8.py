@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from storystudio.models.attention import time_candidate
+
 log = logging.getLogger(__name__)
 
 SELF_CHECK_MAX_REL_ERROR = 0.05  # relative L2 vs exact attention (Sage 1.0.6 measured 1.4 %)
@@ -148,19 +150,12 @@ def _exact_nhd(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=None):
 
 def time_kernel(kernel: Callable, device: torch.device, shape: tuple[int, int, int, int] = TIMING_SHAPE,
                 repeats: int = 5) -> float:
-    """Median milliseconds of ``kernel`` on random bf16 q/k/v of ``shape`` (after one warm-up)."""
-    g = torch.Generator(device="cpu").manual_seed(1)
-    q, k, v = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for _ in range(3))
-    kernel(q, k, v, tensor_layout="NHD", is_causal=False)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        kernel(q, k, v, tensor_layout="NHD", is_causal=False)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Milliseconds per call of an NHD ``kernel`` on random bf16 q/k/v of ``shape``, timed by the
+    exact-attention self-check's own timer (:func:`storystudio.models.attention.time_candidate`)."""
+    def runner(_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kernel(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    return time_candidate("8-bit", device=device, dtype=torch.bfloat16, shape=shape, runner=runner, reps=repeats)
 
 
 def self_check(kernel: Callable, device: torch.device) -> float:
