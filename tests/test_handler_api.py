@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +26,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+
+from tests.process_ready import wait_until_ready
 
 from storystudio.media import decode_video_frames, encode_audio, encode_png, probe_media, synth_speech
 
@@ -105,19 +106,8 @@ def local_api(env: dict, log: Path, *, startup_s: float) -> Iterator[tuple[subpr
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/docs", timeout=2).status_code < 500:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_ready(proc, lambda: requests.get(f"{url}/docs", timeout=2).status_code < 500, what="worker",
+                     timeout=startup_s, interval=0.5, log_tail=log.read_text)
     try:
         yield proc, url
     finally:

@@ -24,6 +24,7 @@ import requests
 from PIL import Image
 
 from storystudio.media import encode_audio, encode_png, synth_speech
+from tests.process_ready import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ONE, KEY_TWO, LEGACY_KEY = "key-one-0123456789", "key-two-0123456789", "legacy-wan2-key"
@@ -58,20 +59,12 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "storystudio.serve"], cwd=ROOT, env=self.env,
                                      stdout=out, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                health = requests.get(f"{self.url}/health", timeout=2)
-                if health.status_code == 200 and not health.json()["warming"]:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"server did not become ready:\n{self.log_text()[-3000:]}")
-            time.sleep(0.3)
+
+        def ready() -> bool:
+            health = requests.get(f"{self.url}/health", timeout=2)
+            return health.status_code == 200 and not health.json()["warming"]
+
+        wait_until_ready(self.proc, ready, what="server", timeout=timeout, interval=0.3, log_tail=self.log_text)
 
     def log_text(self) -> str:
         return self.log.with_suffix(f".{self.starts}.log").read_text(errors="replace")
