@@ -4,6 +4,7 @@ the tiny Wan engine (FP8 emulated on CPU, step cache), and fast jobs through Wor
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,9 +120,10 @@ def _plan(**kw) -> speed.SpeedPlan:
     return speed.resolve_plan(SpeedKnobs.resolve("exact", **kw), "cpu")
 
 
-def _latents(engine, plan, steps: int = 6):
+def _latents(engine, plan, steps: int = 6, audio_s: float = 0.5):
     got = []
-    out = engine.generate(_req(plan, steps), on_latents=lambda clip, lat: got.append(lat.clone()))
+    req = replace(_req(plan, steps), audio=(np.random.RandomState(1).randn(int(16000 * audio_s)) * 0.1).astype(np.float32))
+    out = engine.generate(req, on_latents=lambda clip, lat: got.append(lat.clone()))
     return out, torch.cat([g.flatten() for g in got])
 
 
@@ -140,6 +142,22 @@ def test_step_cache_skips_with_a_loose_threshold_and_changes_nothing_when_it_ski
     assert loose.speed["skipped_steps"] == [2] and loose.speed["skipped_step_indices"] == [[2, 3]]
     assert 0 < _rel(lat_loose, lat_exact) < 0.5
     assert "blocks" not in engine.transformer.__dict__
+
+
+def test_step_cache_runs_inside_the_compiled_blocks_and_injection(engine):
+    """The step cache wraps the compiled audio injection that DiTCompiler installs, and puts it back."""
+    plan = _plan(step_cache=1.0)
+    eager, lat_eager = _latents(engine, plan, audio_s=13 / 16)  # one full-length clip: compiled
+    saved = engine.options
+    engine.options, engine._compiler = replace(saved, compile="on", compile_backend="eager"), None
+    try:
+        compiled, lat_compiled = _latents(engine, plan, audio_s=13 / 16)
+    finally:
+        engine.options, engine._compiler = saved, None
+    assert compiled.engine["compiled_clips"] == 1 and not compiled.engine["notes"]
+    assert compiled.speed["skipped_step_indices"] == eager.speed["skipped_step_indices"] == [[2, 3]]
+    torch.testing.assert_close(lat_compiled, lat_eager, rtol=1e-5, atol=1e-5)
+    assert not {"blocks", "after_transformer_block"} & set(vars(engine.transformer))
 
 
 def test_fp8_job_runs_on_the_fp8_copy_and_leaves_the_engine_exact(engine):

@@ -129,6 +129,27 @@ def test_shadowing_is_undone_when_the_model_raises():
     assert "blocks" not in m.__dict__ and "after_transformer_block" not in m.__dict__
 
 
+def test_an_injection_already_replaced_on_the_instance_is_wrapped_and_put_back():
+    """The compiled audio injection (DiTCompiler) shadows after_transformer_block first."""
+    m = FakeDiT()
+    x = torch.randn(1, 5, 4)
+    installed_calls: list[int] = []
+
+    def installed(idx: int, h: torch.Tensor) -> torch.Tensor:
+        installed_calls.append(idx)
+        return FakeDiT.after_transformer_block(m, idx, h)
+
+    m.after_transformer_block = installed
+    plain = m(x, t=1.0)
+    installed_calls.clear()
+    cache = BlockResidualCache(m)
+    assert torch.equal(cache.compute("cond", x, t=1.0), plain)
+    assert installed_calls == [0, 1, 2]  # the computed call ran through the installed injection
+    cache.reuse("cond", x, t=1.0)
+    assert installed_calls == [0, 1, 2]  # a reused call skips it with the blocks
+    assert m.__dict__["after_transformer_block"] is installed and "blocks" not in m.__dict__
+
+
 def test_step_cache_keeps_branches_apart_and_counts_real_skips():
     m = FakeDiT()
     x = torch.randn(1, 5, 4)

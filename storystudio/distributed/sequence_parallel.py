@@ -16,7 +16,7 @@ How (DeepSpeed-Ulysses, as the official ``wan/distributed`` code does, arXiv 230
   :mod:`storystudio.patches.wan22` binds: SDPA or flash-attn), and a second all-to-all
   brings the output back to the local tokens with all heads. Everything else in a block
   (modulation, cross-attention to the text, FFN) is per token and runs on the slice.
-* Audio injection (every few blocks) is per frame: each token attends to its own
+* Audio injection (every few blocks, :mod:`storystudio.models.audio_injection`) is per frame: each token attends to its own
   frame's audio tokens. The official code all-gathers the whole sequence for it and
   runs it redundantly on every rank; here each rank injects only its own tokens, padding
   the partial frames at the slice edges, which keeps the per-rank work at 1/N.
@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from storystudio.models import fused_rope
+from storystudio.models.audio_injection import inject_audio
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -294,47 +295,6 @@ def _prepare(model, x, t, context, seq_len, ref_latents, motion_latents, cond_st
                      audio_emb=audio_emb, audio_emb_global=audio_emb_global)
 
 
-def _inject_audio(model, block_idx: int, x: torch.Tensor, start: int, video_len: int,
-                  audio_emb: torch.Tensor, audio_emb_global: torch.Tensor | None) -> torch.Tensor:
-    """``WanModel_S2V.after_transformer_block`` on a slice ``x`` = tokens [start, start+len).
-
-    Per-token math per latent frame: the slice's video tokens are laid out in whole
-    frames (zero tokens fill the partial frames at the edges, their output is dropped),
-    so the official injector modules run unchanged on ``(frames, tokens_per_frame)``.
-    """
-    from einops import rearrange
-
-    injector = model.audio_injector
-    if block_idx not in injector.injected_block_id:
-        return x
-    stop = min(start + x.shape[1], video_len)
-    if stop <= start:
-        return x  # this slice holds no video tokens
-    num_frames = audio_emb.shape[1]
-    per_frame = video_len // num_frames
-    f0, f1 = start // per_frame, -(-stop // per_frame)
-    lead = start - f0 * per_frame
-    local = x[:, :stop - start]
-    b, _, c = local.shape
-    framed = local.new_zeros(b, (f1 - f0) * per_frame, c)
-    framed[:, lead:lead + local.shape[1]] = local
-    hidden = rearrange(framed, "b (t n) c -> (b t) n c", t=f1 - f0)
-
-    idx = injector.injected_block_id[block_idx]
-    if model.enbale_adain and model.adain_mode == "attn_norm":
-        glob = rearrange(audio_emb_global[:, f0:f1], "b t n c -> (b t) n c")
-        attn_in = injector.injector_adain_layers[idx](hidden, temb=glob[:, 0])
-    else:
-        attn_in = injector.injector_pre_norm_feat[idx](hidden)
-    audio = rearrange(audio_emb[:, f0:f1], "b t n c -> (b t) n c")
-    residual = injector.injector[idx](
-        x=attn_in, context=audio,
-        context_lens=torch.ones(attn_in.shape[0], dtype=torch.long, device=attn_in.device) * audio.shape[1])
-    residual = rearrange(residual, "(b t) n c -> b (t n) c", t=f1 - f0)[:, lead:lead + local.shape[1]]
-    x[:, :stop - start] = x[:, :stop - start] + residual
-    return x
-
-
 def sp_forward(model: nn.Module, sp: SPGroup, **kwargs: Any) -> list[torch.Tensor]:
     """``WanModel_S2V.forward(**kwargs)`` with the token sequence split over ``sp``.
 
@@ -361,7 +321,7 @@ def sp_forward(model: nn.Module, sp: SPGroup, **kwargs: Any) -> list[torch.Tenso
     with ulysses_attention(model, sp, sizes):
         for idx, block in enumerate(model.blocks):
             x = block(x, **block_kwargs)
-            x = _inject_audio(model, idx, x, start, p.video_len, p.audio_emb, p.audio_emb_global)
+            x = inject_audio(model, idx, x, start, p.video_len, p.audio_emb, p.audio_emb_global)
     # The head is per token: run it on this slice's video tokens, gather its small output.
     video_sizes = [max(0, min(hi, p.video_len) - lo) for lo, hi in (sp.bounds(sizes, r) for r in range(sp.size))]
     head = model.head(x[:, :video_sizes[sp.rank]], p.e)

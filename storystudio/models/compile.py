@@ -14,6 +14,12 @@ compiles full-length clips (see ``WanS2VGenerator._clip_compiled``): a shortened
 clip has one of twenty possible lengths, and a cold compile per length would cost more
 than it saves on one short clip.
 
+The audio injection that runs after 12 of the blocks (``after_transformer_block``) is
+compiled the same way, as one graph for all 12 (:class:`DiTCompiler`,
+:mod:`storystudio.models.audio_injection`): eager, its clone, regrouping copy, norm and
+casts over the float32 hidden states were most of what the exact step still ran outside
+compiled code.
+
 Weights: the ModelManager parks and restores a model by re-pointing ``param.data``. The
 compiled graph reads parameters as inputs on every call, so it sees the new storage; the
 guards check shape, stride, dtype and device only, so a restore (same metadata, new
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from storystudio.models import fused_rope
+from storystudio.models.audio_injection import frame_residual, model_injection
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +149,31 @@ class BlockCompiler:
             self._tables.clear()
             for block in self.blocks:
                 block.__dict__.pop("forward", None)
+
+
+class DiTCompiler:
+    """The compiled blocks and the compiled audio injection of one ``WanModel_S2V``.
+
+    :meth:`installed` shadows the model's ``after_transformer_block`` with
+    :func:`~storystudio.models.audio_injection.model_injection` over the compiled
+    :func:`~storystudio.models.audio_injection.frame_residual` (one graph for every
+    injected block, modules as inputs), next to :class:`BlockCompiler`'s blocks.
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str | Callable[..., Any] = "inductor") -> None:
+        self.model = model
+        self.backend = backend
+        self.blocks = BlockCompiler(model.blocks, backend=backend)  # type: ignore[arg-type]
+        self._residual = torch.compile(frame_residual, dynamic=False, backend=backend)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        model = self.model
+        if "after_transformer_block" in vars(model):
+            raise RuntimeError("after_transformer_block is already replaced on this model")
+        with self.blocks.installed():
+            model.after_transformer_block = model_injection(model, self._residual)
+            try:
+                yield
+            finally:
+                vars(model).pop("after_transformer_block", None)

@@ -165,15 +165,23 @@ class BlockResidualCache:
 
 @contextmanager
 def _shadowed(model: nn.Module, **attrs: Any) -> Iterator[None]:
-    """Instance attributes that hide the class's (and nn.Module's registry) for one call."""
-    if any(k in model.__dict__ for k in attrs):
-        raise RuntimeError(f"step cache: {sorted(attrs)} already shadowed on the model (nested call?)")
+    """Instance attributes that hide the class's (and nn.Module's registry) for one call.
+
+    An attribute already shadowed on the instance (the compiled audio injection that
+    :class:`~storystudio.models.compile.DiTCompiler` installs) is what the call wraps,
+    and it is put back afterwards.
+    """
+    missing = object()
+    saved = {k: model.__dict__.get(k, missing) for k in attrs}
     model.__dict__.update(attrs)
     try:
         yield
     finally:
-        for k in attrs:
-            model.__dict__.pop(k, None)
+        for k, v in saved.items():
+            if v is missing:
+                model.__dict__.pop(k, None)
+            else:
+                model.__dict__[k] = v
 
 
 class StepCache:

@@ -49,7 +49,7 @@ from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
 from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.attention import AttentionSelection, select_backend
-from storystudio.models.compile import COMPILE_CACHE_DIRNAME, BlockCompiler, configure_cache
+from storystudio.models.compile import COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.fused_rope import fused_rope
@@ -386,7 +386,7 @@ class WanS2VGenerator:
         self.memory_limit = memory_limit
         self.memory_headroom_bytes = memory_headroom_bytes
         self.attention: AttentionSelection | None = None  # the start-up self-check's result
-        self._compiler: BlockCompiler | None = None
+        self._compiler: DiTCompiler | None = None
         self._compile_error: str | None = None  # set when compiling failed once: eager from then on
 
     # ------------------------------------------------------------------ loading
@@ -894,7 +894,7 @@ class WanS2VGenerator:
         if self._compiler is None or self._compiler.backend != backend:
             if backend == "inductor":
                 configure_cache(self.compile_cache_dir, self.device)
-            self._compiler = BlockCompiler(self.transformer.blocks, backend=backend)
+            self._compiler = DiTCompiler(self.transformer, backend=backend)
         return self._compiler.installed()
 
     def _attention_backend(self) -> str:
