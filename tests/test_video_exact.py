@@ -345,3 +345,21 @@ def test_attention_choice_follows_the_options(engine, cached):
     assert base.engine == {"path": "baseline", "attention": "default", "rope": "official", "cfg_batched": False,
                            "compiled": False,
                            "clip_frames": [16], "cfg_batched_clips": 0, "compiled_clips": 0, "notes": []}
+
+
+def test_cfg_batch_plans_with_the_memory_of_the_blocks_that_will_run(engine, monkeypatch):
+    """At 480p, 80 frames, 15 GiB free: compiled blocks batch the two branches, eager ones do not
+    (the eager estimate of a batch of two is 22 GiB, the compiled one 15.5 GiB with margins)."""
+    from storystudio.models.footprint import GiB, video_working_bytes
+
+    area = 448 * 832
+    assert video_working_bytes(area, 80, batch=2, compiled=True) < 15.6 * GiB < video_working_bytes(area, 80, batch=2)
+    free = 15.6 * GiB + engine.memory_headroom_bytes
+    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(engine, "options", replace(EXACT, cfg_batch="auto"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    assert engine._cfg_batch(area, 80, compiled=True) is True
+    assert engine._cfg_batch(area, 80, compiled=False) is False
+    assert engine._cfg_batch(area, 40, compiled=False) is True  # a shorter clip fits eager too

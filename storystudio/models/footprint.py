@@ -23,14 +23,28 @@ _MARGIN = 1.25
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
 
-def video_working_bytes(area: int, infer_frames: int = 80, *, batch: int = 1) -> int:
+# Activation GiB per megapixel of an 80-frame clip, per sample of the forward's batch.
+_VIDEO_GIB_PER_MP_EAGER = 23.0
+# The compiled blocks (models/compile.py) keep far fewer float32 temporaries alive: on the
+# H100 (bench/results/2026-11-26-h100-video-speed.json) the exact path peaked at 9.6 GiB over
+# the weights at 480p with the CFG batch of 2 (12.2 GiB/MP per sample), 12.0 GiB at 720p batch 1
+# (12.7), and the fast preset's FP8 linears at 6.5 GiB at 480p batch 1 (16.0: the quantized
+# activations). The largest of the three covers both presets.
+_VIDEO_GIB_PER_MP_COMPILED = 16.0
+
+
+def video_working_bytes(area: int, infer_frames: int = 80, *, batch: int = 1, compiled: bool = False) -> int:
     """Activation bytes of one Wan S2V clip of ``infer_frames`` frames at ``area`` pixels.
 
     ``batch=2`` is classifier-free guidance's two branches in one forward: the
     activations of one forward scale with the batch (the measured peaks above are
-    batch 1; two sequential forwards peak like one).
+    batch 1; two sequential forwards peak like one). ``compiled``: the DiT blocks run
+    compiled (the exact path on a GPU), which needs about two thirds of the eager bytes;
+    the ModelManager plans with the eager figure (a clip may always fall back to eager),
+    the CFG-batch decision with the one that will run.
     """
-    gib = 0.5 + 23.0 * (area / 1e6) * (infer_frames / 80) * batch
+    per_mp = _VIDEO_GIB_PER_MP_COMPILED if compiled else _VIDEO_GIB_PER_MP_EAGER
+    gib = 0.5 + per_mp * (area / 1e6) * (infer_frames / 80) * batch
     return int(gib * _MARGIN * GiB)
 
 

@@ -750,14 +750,14 @@ class WanS2VGenerator:
         :meth:`_denoise`. Returns the final latents and the steps the step cache reused."""
         scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
         guidance = float(req.guidance)
-        batched = guidance > 1 and self._cfg_batch(plan.height * plan.width, clip.frames)
+        compiled = self._clip_compiled(clip.frames, plan.infer_frames)
+        batched = guidance > 1 and self._cfg_batch(plan.height * plan.width, clip.frames, compiled=compiled)
         # Fast preset: a fresh step cache per clip; ``forward(branch, x, **kw)`` computes or reuses.
         cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
         forward: BranchForward = cache if cache is not None else (lambda branch, *a, **kw: self.transformer(*a, **kw))
         call_model = self._model_call(clip, guidance, batched, report, forward)
         if cache is not None:
             call_model = _deciding_steps(cache, call_model)
-        compiled = self._clip_compiled(clip.frames, plan.infer_frames)
         rng_state = clip.generator.get_state()
         with speed.applied(self.transformer, self.transformer_fp8, req.speed, self.device):
             if not compiled:
@@ -779,6 +779,8 @@ class WanS2VGenerator:
                     if cache is not None:
                         cache = speed.step_cache_for(self.transformer, req.speed, len(timesteps))
                         forward = cache
+                    # Eager blocks need more memory than compiled ones: decide the CFG batch again.
+                    batched = guidance > 1 and self._cfg_batch(plan.height * plan.width, clip.frames, compiled=False)
                     call_model = self._model_call(clip, guidance, batched, report, forward, count=False)
                     if cache is not None:
                         call_model = _deciding_steps(cache, call_model)
@@ -852,20 +854,22 @@ class WanS2VGenerator:
 
         return both
 
-    def _cfg_batch(self, area: int, frames: int) -> bool:
+    def _cfg_batch(self, area: int, frames: int, *, compiled: bool) -> bool:
         """Whether this clip's two CFG branches run as one batch-2 forward.
 
         ``on``/``off`` force it; ``auto`` batches when the activation estimate of a batch
-        of two (:func:`video_working_bytes`) fits in what the device has free (allocator
-        cache included) minus the headroom, and within the ModelManager's budget. On
-        CPU memory is not planned, so ``auto`` batches.
+        of two (:func:`video_working_bytes`, for compiled or eager blocks as the clip will
+        run) fits in what the device has free (allocator cache included) minus the
+        headroom, and within the ModelManager's budget. On CPU memory is not planned, so
+        ``auto`` batches. An estimate that is too small costs no job: a batch that runs out
+        of memory falls back to two forwards.
         """
         mode = self.options.cfg_batch
         if mode != "auto":
             return mode == "on"
         if self.device.type != "cuda":
             return True
-        need = video_working_bytes(area, frames, batch=2)
+        need = video_working_bytes(area, frames, batch=2, compiled=compiled)
         free, _total = torch.cuda.mem_get_info(self.device)
         allocated = torch.cuda.memory_allocated(self.device)
         available = free + torch.cuda.memory_reserved(self.device) - allocated - self.memory_headroom_bytes
