@@ -363,3 +363,17 @@ def test_cfg_batch_plans_with_the_memory_of_the_blocks_that_will_run(engine, mon
     assert engine._cfg_batch(area, 80, compiled=True) is True
     assert engine._cfg_batch(area, 80, compiled=False) is False
     assert engine._cfg_batch(area, 40, compiled=False) is True  # a shorter clip fits eager too
+
+
+def test_inductor_keeps_its_compile_workers_unless_the_operator_says_otherwise(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from storystudio.models.compile import configure_inductor
+
+    monkeypatch.setattr(inductor_config, "quiesce_async_compile_pool", True)
+    monkeypatch.delenv("TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL", raising=False)
+    assert configure_inductor() == {"quiesce_async_compile_pool": False}
+    assert inductor_config.quiesce_async_compile_pool is False
+    monkeypatch.setattr(inductor_config, "quiesce_async_compile_pool", True)
+    monkeypatch.setenv("TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL", "1")
+    assert configure_inductor() == {"quiesce_async_compile_pool": True}  # the operator's variable wins

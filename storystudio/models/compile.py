@@ -90,6 +90,29 @@ def configure_cache(root: Path | None, device: torch.device) -> Path | None:
     return folder
 
 
+# Inductor settings the worker runs with, each overridable by its TORCHINDUCTOR_* variable:
+# * the compile-worker pool stays up (torch 2.11 quiesces it after 60 s idle by default, and
+#   waking it for a later graph hung the video bench on the H100: the main thread waited on
+#   a future for 12 minutes with the GPU idle; upstream pytorch#176968 / #186136, fix in
+#   review as PR #183884). A new shape in a long-lived worker is exactly that wake-up.
+_INDUCTOR_SETTINGS: dict[str, tuple[str, Any]] = {
+    "quiesce_async_compile_pool": ("TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL", False),
+}
+
+
+def configure_inductor() -> dict[str, Any]:
+    """Apply :data:`_INDUCTOR_SETTINGS` (before the first compile); returns what is in effect.
+
+    An operator's environment variable wins over the worker's choice.
+    """
+    import torch._inductor.config as inductor_config
+
+    for name, (env, value) in _INDUCTOR_SETTINGS.items():
+        if env not in os.environ:
+            setattr(inductor_config, name, value)
+    return {name: getattr(inductor_config, name) for name in _INDUCTOR_SETTINGS}
+
+
 class _StaticInt:
     """Stands in for the 0-d tensor ``e[1]`` that ``WanS2VAttentionBlock.forward`` reads with
     ``.item()``: a tensor ``.item()`` is a graph break, this one is a constant to dynamo."""

@@ -49,7 +49,7 @@ from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
 from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.attention import AttentionSelection, select_backend
-from storystudio.models.compile import COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache
+from storystudio.models.compile import COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache, configure_inductor
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.fused_rope import fused_rope
@@ -898,6 +898,7 @@ class WanS2VGenerator:
         if self._compiler is None or self._compiler.backend != backend:
             if backend == "inductor":
                 configure_cache(self.compile_cache_dir, self.device)
+                log.info("inductor settings: %s", configure_inductor())
             self._compiler = DiTCompiler(self.transformer, backend=backend)
         return self._compiler.installed()
 
