@@ -129,6 +129,7 @@ def _loader(folders: ModelFolders, name: str, settings: WorkerSettings, manager:
             attention=None if report is None else report.attention,  # the pre-flight's self-check, if it ran
             compile_cache_dir=settings.compile_cache_dir,
             memory_limit=lambda: manager.budget_bytes,
+            make_room=lambda nbytes: manager.park_idle(VIDEO_SET, nbytes),
             memory_headroom_bytes=int(settings.vram_reserve_gib * GiB),
         )
         if settings.fast_preset == "preload":

@@ -380,6 +380,32 @@ def test_idle_components_are_not_restored_and_are_parked_first():
     assert torch.equal(eng.linears.lin, eng.transformer.lin.weight)
 
 
+def test_park_idle_frees_only_the_running_jobs_idle_components():
+    mgr = _two_copy_manager(None)  # unlimited: nothing is parked unless asked
+    eng = mgr.ensure("video")
+    eng.build_copy()
+    mgr.adopt_components("video")
+    mgr.ensure("image")
+    q_before = eng.copy.q.clone()
+    seen = []
+
+    def job(engine):
+        # An exact job (the copy is idle) asks for room mid-job, e.g. for its CFG batch of two.
+        seen.append(mgr.park_idle("video", 1))
+        seen.append(mgr.park_idle("video", 1))  # nothing idle is left on the device
+        return mgr.component_residency()
+
+    res = mgr.run("video", job, idle={"copy"})
+    assert seen == [_nbytes(mgr, "video.copy"), 0]
+    assert res == {"video.linears": True, "video.transformer": True, "video.copy": False, "image.transformer": True}
+    # A job with nothing idle parks nothing, and other sets never move for it.
+    assert mgr.run("image", lambda e: mgr.park_idle("image", 10**9)) == 0
+    assert mgr.component_residency()["video.linears"] is True
+    # The copy comes back intact for the next job that reads it.
+    mgr.ensure("video", idle={"linears"})
+    assert mgr.component_residency()["video.copy"] is True and torch.equal(eng.copy.q, q_before)
+
+
 def test_oom_retry_also_parks_the_jobs_idle_components():
     mgr = _two_copy_manager(None)
     eng = mgr.ensure("video")

@@ -227,8 +227,11 @@ def test_preload_builds_the_fp8_copy_with_the_set(tiny_models, tmp_path):
     from storystudio.worker import build_manager
 
     worker.manager = build_manager(worker.settings)
-    worker.manager.ensure("video")
+    engine = worker.manager.ensure("video")
     assert worker.manager.component_residency()["video.transformer_fp8"] is True
+    # The engine can ask the manager for the room an exact job's idle FP8 copy holds (its CFG batch).
+    worker.manager.ensure("video", idle=speed.idle_components(speed.EXACT))
+    assert engine.make_room(1) > 0 and worker.manager.component_residency()["video.transformer_fp8"] is False
 
 
 def test_a_story_demanding_fp8_where_it_cannot_run_fails_before_any_image(tiny_models, tmp_path, monkeypatch):

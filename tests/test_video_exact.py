@@ -377,3 +377,31 @@ def test_inductor_keeps_its_compile_workers_unless_the_operator_says_otherwise(m
     monkeypatch.setattr(inductor_config, "quiesce_async_compile_pool", True)
     monkeypatch.setenv("TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL", "1")
     assert configure_inductor() == {"quiesce_async_compile_pool": True}  # the operator's variable wins
+
+
+def test_cfg_batch_parks_the_jobs_idle_weights_when_that_makes_room(engine, monkeypatch):
+    """An exact job after a fast one: the idle FP8 copy leaves the device so the batch of two fits."""
+    from storystudio.models.footprint import GiB
+
+    area = 448 * 832
+    free = [14 * GiB + engine.memory_headroom_bytes]  # short of the compiled estimate (15.5 GiB)
+    asked = []
+
+    def make_room(nbytes: int) -> int:
+        asked.append(nbytes)
+        free[0] += 13 * GiB  # the FP8 copy parked
+        return 13 * GiB
+
+    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(engine, "options", replace(EXACT, cfg_batch="auto"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free[0]), 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(engine, "make_room", make_room)
+    assert engine._cfg_batch(area, 80, compiled=True) is True
+    assert len(asked) == 1 and 1 * GiB < asked[0] < 2 * GiB  # only the shortfall is asked for
+    assert engine._cfg_batch(area, 80, compiled=True) is True and len(asked) == 1  # fits now: no more parking
+    # Nothing idle to park: two forwards, as before.
+    free[0] = 14 * GiB + engine.memory_headroom_bytes
+    monkeypatch.setattr(engine, "make_room", lambda nbytes: asked.append(nbytes) or 0)
+    assert engine._cfg_batch(area, 80, compiled=True) is False and len(asked) == 2

@@ -435,6 +435,28 @@ class ModelManager:
                     self._park(comp)
             self._sync()
 
+    def park_idle(self, name: str, need_bytes: int) -> int:
+        """Park components of set ``name`` that its running job does not read, fewest bytes first
+        covering ``need_bytes``; returns the bytes parked (0 when none is idle or resident).
+
+        Why: an engine may find room for a faster plan mid-job (the video engine's CFG batch
+        of two) once a copy its job does not use leaves the device, e.g. the fast preset's FP8
+        weights during an exact job. Other sets and the job's own components never move here.
+        """
+        with self._lock:
+            ms = self._get(name)
+            own = [c for c in ms.components if c.on_device and c.name in ms.idle]
+            parked = 0
+            while parked < need_bytes and own:
+                victim = self._pick_victim(own, need_bytes - parked)
+                own.remove(victim)
+                self._park(victim)
+                parked += victim.nbytes
+            if parked:
+                self._sync()  # the freed blocks stay in the allocator's cache: the job allocates next
+                logger.info("parked %.2f GiB of %s's idle components for the running job", parked / GiB, name)
+            return parked
+
     def park_all(self, *, except_name: str | None = None) -> None:
         with self._lock:
             for ms in self._sets.values():

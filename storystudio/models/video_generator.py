@@ -356,7 +356,7 @@ class WanS2VGenerator:
     def __init__(self, *, transformer, text_encoder, vae, audio_encoder, config: dict[str, Any],
                  device: torch.device, dtype: torch.dtype, path: Path, options: VideoPathOptions | None = None,
                  compile_cache_dir: Path | None = None, memory_limit: Callable[[], int | None] | None = None,
-                 memory_headroom_bytes: int = 0) -> None:
+                 memory_headroom_bytes: int = 0, make_room: Callable[[int], int] | None = None) -> None:
         wan22.import_wan()
         from wan.configs.wan_s2v_14B import s2v_14B
 
@@ -385,6 +385,9 @@ class WanS2VGenerator:
         # and what to leave free: the CFG-batch decision stays inside both.
         self.memory_limit = memory_limit
         self.memory_headroom_bytes = memory_headroom_bytes
+        # ``make_room(bytes)``: the ModelManager parks components of this engine that the running
+        # job does not read (the other weight copy of the exact/fast pair) and returns the bytes freed.
+        self.make_room = make_room
         self.attention: AttentionSelection | None = None  # the start-up self-check's result
         self._compiler: DiTCompiler | None = None
         self._compile_error: str | None = None  # set when compiling failed once: eager from then on
@@ -861,8 +864,10 @@ class WanS2VGenerator:
         of two (:func:`video_working_bytes`, for compiled or eager blocks as the clip will
         run) fits in what the device has free (allocator cache included) minus the
         headroom, and within the ModelManager's budget. On CPU memory is not planned, so
-        ``auto`` batches. An estimate that is too small costs no job: a batch that runs out
-        of memory falls back to two forwards.
+        ``auto`` batches. When it does not fit, the components this job does not read (the
+        idle copy of the exact/fast pair) are parked first if that makes room (``make_room``).
+        An estimate that is too small costs no job: a batch that runs out of memory falls
+        back to two forwards.
         """
         mode = self.options.cfg_batch
         if mode != "auto":
@@ -870,16 +875,24 @@ class WanS2VGenerator:
         if self.device.type != "cuda":
             return True
         need = video_working_bytes(area, frames, batch=2, compiled=compiled)
+        available = self._available_bytes()
+        if need > available and self.make_room is not None and self.make_room(need - available) > 0:
+            available = self._available_bytes()
+        fits = need <= available
+        if not fits:
+            log.info("CFG batch of 2 needs ~%.1f GiB, %.1f GiB available: two forwards", need / GiB, available / GiB)
+        return fits
+
+    def _available_bytes(self) -> int:
+        """Device bytes a job may still allocate: free plus the allocator's cache, less the headroom,
+        within the ModelManager's budget."""
         free, _total = torch.cuda.mem_get_info(self.device)
         allocated = torch.cuda.memory_allocated(self.device)
         available = free + torch.cuda.memory_reserved(self.device) - allocated - self.memory_headroom_bytes
         limit = self.memory_limit() if self.memory_limit is not None else None
         if limit is not None:
             available = min(available, limit - allocated)
-        fits = need <= available
-        if not fits:
-            log.info("CFG batch of 2 needs ~%.1f GiB, %.1f GiB available: two forwards", need / GiB, available / GiB)
-        return fits
+        return available
 
     # --- compile
     def _clip_compiled(self, frames: int, infer_frames: int) -> bool:
