@@ -16,10 +16,11 @@ How (DeepSpeed-Ulysses, as the official ``wan/distributed`` code does, arXiv 230
   :mod:`storystudio.patches.wan22` binds: SDPA or flash-attn), and a second all-to-all
   brings the output back to the local tokens with all heads. Everything else in a block
   (modulation, cross-attention to the text, FFN) is per token and runs on the slice.
-* Audio injection (every few blocks, :mod:`storystudio.models.audio_injection`) is per frame: each token attends to its own
-  frame's audio tokens. The official code all-gathers the whole sequence for it and
-  runs it redundantly on every rank; here each rank injects only its own tokens, padding
-  the partial frames at the slice edges, which keeps the per-rank work at 1/N.
+* Audio injection (every few blocks; :mod:`storystudio.models.audio_injection`, shared with
+  the 1-GPU compiled path) is per frame: each token attends to its own frame's audio
+  tokens. The official code all-gathers the whole sequence for it and runs it redundantly
+  on every rank; here each rank injects only its own tokens, padding the partial frames at
+  the slice edges, which keeps the per-rank work at 1/N.
 * RoPE: with the exact path's fused RoPE (:mod:`storystudio.models.fused_rope`, which rank
   0's engine announces with every forward) the table is built on the GPU and kept as one
   row per token; the rotation is the same. Built from the CPU table on every rank, it was

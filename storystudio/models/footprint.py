@@ -26,7 +26,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 # Activation GiB per megapixel of an 80-frame clip, per sample of the forward's batch.
 _VIDEO_GIB_PER_MP_EAGER = 23.0
 # The compiled blocks (models/compile.py) keep far fewer float32 temporaries alive: on the
-# H100 (bench/results/2026-11-26-h100-video-speed.json) the exact path peaked at 9.6 GiB over
+# H100 (bench/results/2026-11-26-h100-video-speed-run2.json) the exact path peaked at 9.6 GiB over
 # the weights at 480p with the CFG batch of 2 (12.2 GiB/MP per sample), 12.0 GiB at 720p batch 1
 # (12.7), and the fast preset's FP8 linears at 6.5 GiB at 480p batch 1 (16.0: the quantized
 # activations). The largest of the three covers both presets.
