@@ -13,6 +13,7 @@ from PIL import Image
 from storystudio.errors import InvalidInput
 from storystudio.models import attention
 from storystudio.models.compile import BlockCompiler, cache_dir_for, configure_cache
+from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.models.video_generator import VideoRequest, WanS2VGenerator, plan_clip_frames
 from storystudio.models.video_path import VideoPathOptions
@@ -347,19 +348,22 @@ def test_attention_choice_follows_the_options(engine, cached):
                            "clip_frames": [16], "cfg_batched_clips": 0, "compiled_clips": 0, "notes": []}
 
 
+def _fake_cuda_memory(monkeypatch, engine, free_bytes) -> None:
+    """The engine on a pretend CUDA device (auto CFG batch) whose free memory is ``free_bytes()``,
+    nothing allocated or cached: what ``_cfg_batch`` reads."""
+    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(engine, "options", replace(EXACT, cfg_batch="auto"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_bytes()), 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+
+
 def test_cfg_batch_plans_with_the_memory_of_the_blocks_that_will_run(engine, monkeypatch):
     """At 480p, 80 frames, 15 GiB free: compiled blocks batch the two branches, eager ones do not
     (the eager estimate of a batch of two is 22 GiB, the compiled one 15.5 GiB with margins)."""
-    from storystudio.models.footprint import GiB, video_working_bytes
-
     area = 448 * 832
     assert video_working_bytes(area, 80, batch=2, compiled=True) < 15.6 * GiB < video_working_bytes(area, 80, batch=2)
-    free = 15.6 * GiB + engine.memory_headroom_bytes
-    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
-    monkeypatch.setattr(engine, "options", replace(EXACT, cfg_batch="auto"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), 80 * GiB))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    _fake_cuda_memory(monkeypatch, engine, lambda: 15.6 * GiB + engine.memory_headroom_bytes)
     assert engine._cfg_batch(area, 80, compiled=True) is True
     assert engine._cfg_batch(area, 80, compiled=False) is False
     assert engine._cfg_batch(area, 40, compiled=False) is True  # a shorter clip fits eager too
@@ -381,8 +385,6 @@ def test_inductor_keeps_its_compile_workers_unless_the_operator_says_otherwise(m
 
 def test_cfg_batch_parks_the_jobs_idle_weights_when_that_makes_room(engine, monkeypatch):
     """An exact job after a fast one: the idle FP8 copy leaves the device so the batch of two fits."""
-    from storystudio.models.footprint import GiB
-
     area = 448 * 832
     free = [14 * GiB + engine.memory_headroom_bytes]  # short of the compiled estimate (15.5 GiB)
     asked = []
@@ -392,11 +394,7 @@ def test_cfg_batch_parks_the_jobs_idle_weights_when_that_makes_room(engine, monk
         free[0] += 13 * GiB  # the FP8 copy parked
         return 13 * GiB
 
-    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
-    monkeypatch.setattr(engine, "options", replace(EXACT, cfg_batch="auto"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free[0]), 80 * GiB))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    _fake_cuda_memory(monkeypatch, engine, lambda: free[0])
     monkeypatch.setattr(engine, "make_room", make_room)
     assert engine._cfg_batch(area, 80, compiled=True) is True
     assert len(asked) == 1 and 1 * GiB < asked[0] < 2 * GiB  # only the shortfall is asked for

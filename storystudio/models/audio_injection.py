@@ -96,8 +96,6 @@ def model_injection(model: Any, residual: ResidualFn) -> Callable[[int, torch.Te
         raise ValueError("the official context-parallel forward gathers the sequence itself; not supported here")
 
     def after_transformer_block(block_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        if block_idx not in model.audio_injector.injected_block_id:
-            return hidden_states
         return inject_audio(model, block_idx, hidden_states, 0, int(model.original_seq_len), model.merged_audio_emb,
                             getattr(model, "audio_emb_global", None), residual=residual)
 

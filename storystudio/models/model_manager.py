@@ -444,14 +444,7 @@ class ModelManager:
         weights during an exact job. Other sets and the job's own components never move here.
         """
         with self._lock:
-            ms = self._get(name)
-            own = [c for c in ms.components if c.on_device and c.name in ms.idle]
-            parked = 0
-            while parked < need_bytes and own:
-                victim = self._pick_victim(own, need_bytes - parked)
-                own.remove(victim)
-                self._park(victim)
-                parked += victim.nbytes
+            parked = self._park_own_idle(self._get(name), need_bytes)
             if parked:
                 self._sync()  # the freed blocks stay in the allocator's cache: the job allocates next
                 logger.info("parked %.2f GiB of %s's idle components for the running job", parked / GiB, name)
@@ -574,12 +567,7 @@ class ModelManager:
         if deficit <= 0:
             return  # nothing moves, so there is nothing to synchronise or give back
         # The target's own idle components first: the coming job does not read them.
-        own = [c for c in target.components if c.on_device and c.name in target.idle]
-        while deficit > 0 and own:
-            victim = self._pick_victim(own, deficit)
-            own.remove(victim)
-            self._park(victim)
-            deficit -= victim.nbytes
+        deficit -= self._park_own_idle(target, deficit)
         while deficit > 0:
             others = [ms for ms in self._sets.values() if ms is not target and ms.device_bytes() > 0]
             if not others:
@@ -606,6 +594,17 @@ class ModelManager:
             logger.info("measured free memory %.2f GiB is less than the bookkeeping assumes: %.2f GiB more to park",
                         (free or 0) / GiB, (measured - max(book, 0)) / GiB)
         return max(book, measured)
+
+    def _park_own_idle(self, ms: _ModelSet, need: int) -> int:
+        """Park ``ms``'s idle components on the device, the fewest bytes covering ``need``; bytes parked."""
+        own = [c for c in ms.components if c.on_device and c.name in ms.idle]
+        parked = 0
+        while parked < need and own:
+            victim = self._pick_victim(own, need - parked)
+            own.remove(victim)
+            self._park(victim)
+            parked += victim.nbytes
+        return parked
 
     @staticmethod
     def _pick_victim(comps: list[_Component], deficit: int) -> _Component:

@@ -10,7 +10,8 @@ attention          fastest kernel that passes the start-up        ``default``: o
 cfg_batch          cond + uncond in one batch-2 forward when      two forwards per step
                    memory allows (``STORYSTUDIO_CFG_BATCH``)
 compile            regional ``torch.compile`` of the DiT blocks   eager
-                   on CUDA (``STORYSTUDIO_COMPILE``)
+                   and the audio injection on CUDA
+                   (``STORYSTUDIO_COMPILE``)
 trim_last_clip     the last clip only as long as the audio        every clip ``infer_frames`` long
                    needs (rounded up to 4 frames)
 rope               ``fused``: the RoPE table on the GPU, the      ``official``: table on the CPU,
