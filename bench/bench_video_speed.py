@@ -13,7 +13,7 @@ One process, one loaded model; the engine's options are switched between runs (n
   kernel differences only) checks on the GPU that the exact path computes the same video, and
   ``fast_vs_exact_drift`` is the fast knobs' drift over the timed steps.
 * ``scenes``: one 5 s scene end to end through ``Worker.handle`` (data-URI inputs, local
-  storage) at the default 40 steps, exact and fast.
+  storage) at the default 40 steps, exact and fast, with the job's peak VRAM on a GPU.
 
 ``fast`` is the opt-in preset (``"preset": "fast"``: FP8 linears, 8-bit attention where it
 passes its check, step cache) on top of the exact path. Its per-step figure is the time of a
@@ -418,10 +418,15 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
         engine = worker.manager.ensure(VIDEO_SET)
         engine.options = options_for(path, prof["compile_backend"])
         log.info("scene: 5 s at 480p on the %s path", path)
+        cuda = engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(engine.device)
         t0 = time.perf_counter()
         with LatentRecorder(engine) as rec:
             r = worker.handle(scene_job(f"scene-{path}", prof, shape, "fast" if path == "fast" else None))
         wall = time.perf_counter() - t0
+        if cuda:  # the whole job's peak (weights included, as the steps' peaks), VAE decode and all
+            res[f"scene_5s_480p_{path}_peak_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / GiB, 2)
         latents[path] = rec.latents
         if "error" in r:
             res[f"scene_5s_480p_{path}_error"] = r["error"]
@@ -452,7 +457,8 @@ def print_table(res: dict[str, Any]) -> None:
             continue
         print(f"| {key} | {'' if a is None else a} | {'' if b is None else b} |")
     print("\n| metric | value |\n|---|---|")
-    for key in ("compile_warm_s", "scene_5s_480p_exact_s", "scene_5s_480p_fast_s", "scene_5s_480p_fast_skipped_steps",
+    for key in ("compile_warm_s", "scene_5s_480p_exact_s", "scene_5s_480p_fast_s", "scene_5s_480p_exact_peak_gib",
+                "scene_5s_480p_fast_peak_gib", "scene_5s_480p_fast_skipped_steps",
                 "scene_5s_480p_fast_drift", "attention_8bit_check", "fast_note"):
         if key in res:
             print(f"| {key} | {res[key]} |")
