@@ -168,29 +168,36 @@ class DenoiseWrapper:
 
 
 class StepTimer(DenoiseWrapper):
-    """Wraps ``engine._denoise`` so that each DiT call (one CFG step) is timed and the loop's peak VRAM read."""
+    """Wraps ``engine._denoise`` so that each DiT call (one CFG step) is timed, per clip, and (with
+    ``peak``) the denoising loop's peak VRAM read; a whole job's peak is read by its caller."""
 
-    def __init__(self, engine: WanS2VGenerator) -> None:
+    def __init__(self, engine: WanS2VGenerator, *, peak: bool = True) -> None:
         super().__init__(engine)
         self.step_s: list[float] = []
+        self.clip_step_s: list[list[float]] = []
+        self.peak = peak
         self.peak_gib: float | None = None
 
     def __enter__(self) -> StepTimer:
         device = self.engine.device
 
         def denoise(latents, timesteps, scheduler, call_model, generator):
+            clip: list[float] = []
+            self.clip_step_s.append(clip)
+
             def timed(x, t, i):
                 sync(device)
                 t0 = time.perf_counter()
                 out = call_model(x, t, i)
                 sync(device)
-                self.step_s.append(time.perf_counter() - t0)
+                clip.append(time.perf_counter() - t0)
+                self.step_s.append(clip[-1])
                 return out
 
-            if device.type == "cuda":
+            if self.peak and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             out = self._real(latents, timesteps, scheduler, timed, generator)
-            if device.type == "cuda":
+            if self.peak and device.type == "cuda":
                 self.peak_gib = torch.cuda.max_memory_allocated(device) / GiB
             return out
 
@@ -422,7 +429,7 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
         if cuda:
             torch.cuda.reset_peak_memory_stats(engine.device)
         t0 = time.perf_counter()
-        with LatentRecorder(engine) as rec:
+        with StepTimer(engine, peak=False) as timer, LatentRecorder(engine) as rec:
             r = worker.handle(scene_job(f"scene-{path}", prof, shape, "fast" if path == "fast" else None))
         wall = time.perf_counter() - t0
         if cuda:  # the whole job's peak (weights included, as the steps' peaks), VAE decode and all
@@ -433,9 +440,14 @@ def run_scenes(worker: Worker, args: argparse.Namespace, prof: dict[str, Any], r
             log.error("scene on %s failed: %s", path, r["error"])
             continue
         res[f"scene_5s_480p_{path}_s"] = round(wall, 2)
-        res.setdefault("scenes_detail", {})[path] = {k: r.get(k) for k in (
+        detail = res.setdefault("scenes_detail", {})[path] = {k: r.get(k) for k in (
             "frames", "fps", "width", "height", "num_clips", "duration_s", "audio_duration_s", "timings", "engine",
             "speed")}
+        # Per clip: its frames, steps, first step (a compile shows there) and median step; a step the
+        # cache reused is short, so the median is of the steps that ran the DiT only while most did.
+        detail["clips"] = [{"frames": frames, "steps": len(steps), "first_step_s": round(steps[0], 3),
+                            "median_step_s": round(float(np.median(steps)), 3), "total_step_s": round(sum(steps), 2)}
+                           for frames, steps in zip(r["engine"]["clip_frames"], timer.clip_step_s) if steps]
         if r.get("speed"):
             res[f"scene_5s_480p_{path}_skipped_steps"] = r["speed"].get("skipped_steps")
         if path == "fast" and "exact" in latents:

@@ -4,6 +4,7 @@
 # re-sync the working tree under a running bench) and starts the bench detached; every call
 # (`bash bench/gpu_background.sh SECONDS`) then waits up to SECONDS for it, prints the log's tail
 # and copies the JSON and log to $OUT. Call again within the machine's idle timeout to keep it.
+# GPU_TESTS=1 on the first call runs `pytest -m gpu tests/gpu` before the bench starts.
 D=${D:-/tmp/vs2}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p $D
@@ -13,6 +14,10 @@ if [ ! -f $D/started ]; then
   cd /tmp/vsrepo
   export PYTHONPATH=/tmp/site:/tmp/vsrepo/.whl/stubs:/tmp/vsrepo
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  if [ -n "$GPU_TESTS" ]; then   # the gpu-marked tests first, alone on the GPU
+    timeout 400 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider > $D/gpu-tests.log 2>&1
+    tail -3 $D/gpu-tests.log
+  fi
   date -u > $D/started
   setsid nohup python3 bench/bench_video_speed.py --steps 3 --out $D > $D/log.txt 2>&1 < /dev/null &
   echo $! > $D/pid
@@ -26,4 +31,4 @@ while [ $(date +%s) -lt $end ]; do
 done
 grep -E "INFO bench|ERROR|Traceback|wrote|steps:|scene:" $D/log.txt | tail -15
 tail -3 $D/log.txt
-cp $D/*.json $D/log.txt "$OUT"/ 2>/dev/null; ls "$OUT"
+cp $D/*.json $D/log.txt $D/gpu-tests.log "$OUT"/ 2>/dev/null; ls "$OUT"

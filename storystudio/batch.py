@@ -37,7 +37,7 @@ from storystudio.errors import StoryStudioError
 from storystudio.manifest import Manifest, Part, image_hash, story_segment, video_hash
 from storystudio.media import AudioClip, load_image
 from storystudio.models import speed
-from storystudio.models.footprint import video_working_bytes
+from storystudio.models.footprint import longest_clip_frames, video_working_bytes
 from storystudio.progress import ProgressReporter
 from storystudio.render import (
     VIDEO_FPS,
@@ -237,8 +237,8 @@ def swap(ctx: RenderContext, story: _Story, progress: ProgressReporter) -> _Swap
     # Fast preset: the copy of the DiT linears the videos will not read is not restored.
     idle = speed.idle_components(speed.resolve_plan(task.video.speed_knobs, ctx.manager.device))
     try:
-        ctx.manager.ensure(VIDEO_SET, working_bytes=video_working_bytes(task.video.area, task.video.infer_frames),
-                           idle=idle)
+        working = video_working_bytes(task.video.area, longest_clip_frames(task.video.infer_frames))
+        ctx.manager.ensure(VIDEO_SET, working_bytes=working, idle=idle)
     except Exception as exc:  # noqa: BLE001 - e.g. checkpoint missing: every video fails, images stand
         err = _scene_error(exc, "video")
         for s in out.video_scenes:

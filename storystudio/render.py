@@ -28,7 +28,7 @@ from storystudio.deadline import Deadline
 from storystudio.inputs import fetch_bytes
 from storystudio.limits import VIDEO_FPS
 from storystudio.media import AudioClip, decode_audio, decode_video_frames, encode_mp4, encode_png, load_image, to_mono_16k
-from storystudio.models.footprint import image_working_bytes, video_working_bytes
+from storystudio.models.footprint import image_working_bytes, longest_clip_frames, video_working_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.progress import ProgressReporter
 from storystudio.storage import ObjectKey, Storage, make_key
@@ -212,10 +212,8 @@ def render_video(
     )
     validate_video_request(req)  # before any model moves (e.g. audio decoded shorter than the engine's minimum)
     t = timer.add("audio_prepare", t)
-    out = speed.run_video(
-        ctx.manager, VIDEO_SET, req, working_bytes=video_working_bytes(params.area, params.infer_frames),
-        progress=progress,
-    )
+    working = video_working_bytes(params.area, longest_clip_frames(params.infer_frames))
+    out = speed.run_video(ctx.manager, VIDEO_SET, req, working_bytes=working, progress=progress)
     t = timer.add("generate", t)
     with tempfile.TemporaryDirectory(prefix="storystudio-") as tmp:
         path = encode_mp4(out.frames, out.fps, audio, Path(tmp) / "video.mp4")

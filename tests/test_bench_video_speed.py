@@ -48,6 +48,10 @@ def test_tiny_profile_runs_every_part(bench, tmp_path, capsys):
     assert set(saved["attention_selfcheck"]["checks"]) >= {"math", "cudnn", "fa2"}
     scene = saved["scenes_detail"]["exact"]
     assert scene["frames"] == 12 and scene["engine"]["clip_frames"] == [16]  # 0.75 s: 12 + 3 frames, one clip
+    # Per clip: its frames and step times (2 steps at the tiny profile).
+    (clip,) = scene["clips"]
+    assert clip["frames"] == 16 and clip["steps"] == 2 and clip["first_step_s"] > 0 and clip["median_step_s"] > 0
+    assert clip["total_step_s"] >= clip["first_step_s"]
     assert "fast_note" not in saved
     assert saved["fast_cfg_step_s"] > 0 and saved["scene_5s_480p_fast_s"] > 0
     # The preset's drift against the exact scene (same inputs and seed): FP8 moves the latents a little.

@@ -151,7 +151,7 @@ def test_fork_matches_official_generate(wan_gen, tmp_path, monkeypatch, guidance
 
     rng = np.random.RandomState(3)
     image = Image.fromarray((rng.rand(96, 80, 3) * 255).astype(np.uint8))  # portrait: Resize + CenterCrop work
-    audio = (rng.randn(int(16000 * 2.0)) * 0.1).astype(np.float32)  # 32 frames: clips 16+16+4 (exact), official 2
+    audio = (rng.randn(int(16000 * 2.25)) * 0.1).astype(np.float32)  # 36 frames: clips 16+16+8 (exact), official 3
     image_path, audio_path = tmp_path / "ref.png", tmp_path / "speech.wav"
     image.save(image_path)
     sf.write(audio_path, audio, 16000, subtype="FLOAT")

@@ -99,23 +99,31 @@ def _run(engine: WanS2VGenerator, options: VideoPathOptions, req: VideoRequest):
         (16, 80, 3, True, [20]),  # 1 s: 16 frames + 3 dropped -> one 20-frame clip
         (16, 80, 3, False, [80]),  # the baseline always generates full clips
         (77, 80, 3, True, [80]),  # exactly one full clip
-        (78, 80, 3, True, [80, 4]),  # one frame more: a minimal second clip
+        (78, 80, 3, True, [84]),  # one frame more: the one-latent tail is merged, not a second clip
+        (81, 80, 3, True, [84]),  # 5 s + 1 frame: still one latent frame of tail
+        (82, 80, 3, True, [80, 8]),  # two latent frames of tail: a clip of its own
+        (78, 80, 3, False, [80, 80]),  # the baseline keeps the official rule
         (96, 80, 3, True, [80, 20]),  # 6 s
         (157, 80, 3, True, [80, 80]),
-        (158, 80, 3, True, [80, 80, 4]),
+        (158, 80, 3, True, [80, 84]),
+        (78, 160, 3, True, [84]),
+        (158, 160, 3, True, [160, 4]),  # a merged clip stays within the longest clip allowed (160)
         (1, 80, 3, True, [4]),
         (16, 80, 0, True, [16]),  # without drop_first_motion
-        (17, 16, 0, True, [16, 4]),
+        (17, 16, 0, True, [20]),
+        (21, 16, 0, True, [16, 8]),
         (29, 16, 3, True, [16, 16]),
     ],
 )
 def test_clip_frames_rule(target, infer, drop, trim, want):
     clips = plan_clip_frames(target, infer, first_clip_drop=drop, trim_last=trim)
     assert clips == want
-    assert all(c % 4 == 0 and 4 <= c <= infer for c in clips)
+    assert all(c % 4 == 0 and 4 <= c <= min(infer + 4, 160) for c in clips)
     assert sum(clips) - drop >= target  # enough frames for the audio
     if trim:  # and never more than one granule too many
         assert sum(clips) - drop - target < 4
+    else:
+        assert set(clips) == {infer}
 
 
 def test_clip_frames_rule_rejects_nonsense():
@@ -222,6 +230,43 @@ def test_short_clip_with_pose_takes_the_first_pose_latents(engine):
     torch.testing.assert_close(lat[0], same_lat[0], rtol=1e-4, atol=1e-4)
 
 
+def test_one_latent_frame_tail_is_merged_into_the_clip_before(engine):
+    # 14 frames + 3 dropped = 17: [16, 4] by the short-clip rule alone; merged: one 20-frame clip,
+    # which is the official computation with infer_frames=20, pose included.
+    pose = (np.random.RandomState(3).rand(40, 50, 40, 3) * 255).astype(np.uint8)
+    req = _req(14 / 16, pose_frames=pose, steps=1)
+    merged, merged_lat, _ = _run(engine, EXACT, req)
+    same, same_lat, _ = _run(engine, BASELINE, _req(14 / 16, pose_frames=pose, steps=1, infer_frames=20))
+    assert merged.engine["clip_frames"] == [20] and merged.frames.shape[0] == same.frames.shape[0] == 14
+    torch.testing.assert_close(merged_lat[0], same_lat[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(merged.frames.astype(int) - same.frames.astype(int)).max() <= 1
+
+
+def test_merged_later_clip_reads_its_own_audio_window(engine, monkeypatch):
+    # 30 frames + 3 = 33: [16, 16, 4] -> [16, 20]; the second clip's audio starts where the first
+    # ended (frame 16) and runs 20 frames, the baseline's second clip covers frames 16-31.
+    windows: dict[str, list[torch.Tensor]] = {}
+    real = engine._clip_inputs
+
+    def recording(r, frames, plan, *args, **kwargs):
+        clip = real(r, frames, plan, *args, **kwargs)
+        windows.setdefault(engine.options.name, []).append(clip.cond["audio_input"].clone())
+        return clip
+
+    monkeypatch.setattr(engine, "_clip_inputs", recording)
+    req = _req(30 / 16, steps=1)
+    exact, exact_lat, _ = _run(engine, EXACT, req)
+    base, base_lat, _ = _run(engine, BASELINE, req)
+    assert exact.engine["clip_frames"] == [16, 20] and base.engine["clip_frames"] == [16, 16, 16]
+    assert exact.frames.shape[0] == base.frames.shape[0] == 30
+    ex, bl = windows["exact"], windows["baseline"]
+    assert ex[1].shape[-1] == 20 and bl[1].shape[-1] == 16
+    torch.testing.assert_close(ex[0], bl[0])
+    torch.testing.assert_close(ex[1][..., :16], bl[1])  # the same audio frames, 16 on
+    torch.testing.assert_close(ex[1][..., 16:], bl[2][..., :4])  # then the frames of the baseline's third clip
+    torch.testing.assert_close(exact_lat[0], base_lat[0], rtol=1e-4, atol=1e-4)  # the first clip is untouched
+
+
 # ------------------------------------------------------------------ regional compile
 def test_compiled_blocks_follow_parked_and_restored_weights(tiny_models):
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -269,19 +314,84 @@ def test_compiler_failure_falls_back_to_eager(engine, cached):
     try:
         got, got_lat, _ = _run(engine, replace(EXACT, compile="on", compile_backend=broken_backend),
                                _req(FULL_CLIP_S))
-        again = engine._clip_compiled(16, 16)
+        again, other = engine._clip_compiled(16, 16), engine._clip_compiled(8, 16)
     finally:
-        error, engine._compile_error, engine._compiler = engine._compile_error, None, None
+        errors = dict(engine._compile_errors)
+        engine._compile_errors.clear()
+        engine._compilers.clear()
         torch.compiler.reset()
-    assert "inductor exploded" in error and again is False  # eager for the rest of the process
+    assert list(errors) == [True] and "inductor exploded" in errors[True]
+    assert again is False and other is True  # full-length clips eager from now on; other lengths still compile
     assert got.engine["compiled"] is False and got.engine["notes"][0].startswith("clip 0: compile failed, ran eager")
     torch.testing.assert_close(got_lat[0], want_lat[0])
 
 
-def test_short_clips_run_eager(engine):
+def _lengths_run(engine, options, frames_list, eager_too=True):
+    """Generate one clip per length in ``frames_list`` (1 step); returns [(result, latents, eager latents)]."""
+    out = []
+    for frames in frames_list:
+        req = _req((frames - 3) / 16, steps=1)
+        got, got_lat, _ = _run(engine, options, req)
+        want_lat = _run(engine, replace(EXACT, compile="off"), req)[1] if eager_too else None
+        out.append((got, got_lat, want_lat))
+    return out
+
+
+def test_other_clip_lengths_share_one_compiled_graph(engine):
+    """Full-length clips on their static graph; every other length (short scenes, last clips,
+    merged tails) on one automatic-dynamic graph instead of a cold compile per length."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.compiler.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    options = replace(EXACT, compile="on", compile_backend=counter)
+    try:
+        runs = _lengths_run(engine, options, [16])
+        assert counter.frame_count == 2  # the full clip's blocks and audio injection
+        runs += _lengths_run(engine, options, [8])
+        assert counter.frame_count == 4  # the other-length graphs, symbolic in the clip's length
+        runs += _lengths_run(engine, options, [12, 20, 16])
+        # No compile for any further length, nor for the full clip. (A 4-frame clip, one latent
+        # frame, would get a graph of its own: dynamo specializes sizes of 1; such a clip only
+        # happens for audio of at most one frame, since a one-latent tail is merged.)
+        assert counter.frame_count == 4
+    finally:
+        engine._compilers.clear()
+        torch.compiler.reset()
+    assert [r.engine["clip_frames"] for r, _, _ in runs] == [[16], [8], [12], [20], [16]]
+    assert all(r.engine["compiled_clips"] == 1 and r.engine["notes"] == [] for r, _, _ in runs)
+    for _, got, want in runs:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_failing_other_length_compile_leaves_full_clips_compiled(engine):
+    def no_symbolic_shapes(gm, example_inputs):
+        if any(isinstance(i, torch.SymInt) or (isinstance(i, torch.Tensor) and
+               any(isinstance(d, torch.SymInt) for d in i.shape)) for i in example_inputs):
+            raise RuntimeError("dynamic shapes unsupported here")
+        return gm.forward
+
+    torch.compiler.reset()
+    options = replace(EXACT, compile="on", compile_backend=no_symbolic_shapes)
+    try:
+        runs = _lengths_run(engine, options, [16, 8, 12, 16], eager_too=False)
+        errors = dict(engine._compile_errors)
+    finally:
+        engine._compile_errors.clear()
+        engine._compilers.clear()
+        torch.compiler.reset()
+    assert list(errors) == [False] and "dynamic shapes unsupported here" in errors[False]
+    (full, _, _), (first_other, _, _), (second_other, _, _), (full_again, _, _) = runs
+    assert first_other.engine["notes"][0].startswith("clip 0: compile failed, ran eager")
+    assert first_other.engine["compiled_clips"] == second_other.engine["compiled_clips"] == 0
+    assert second_other.engine["notes"] == []  # not tried again
+    assert full.engine["compiled_clips"] == full_again.engine["compiled_clips"] == 1
+
+
+def test_compile_switch(engine):
     counter_calls = []
     engine.options = replace(EXACT, compile="on", compile_backend="eager")
-    assert engine._clip_compiled(16, 16) and not engine._clip_compiled(4, 16)
+    assert engine._clip_compiled(16, 16) and engine._clip_compiled(4, 16)
     engine.options = replace(EXACT, compile="auto")
     assert not engine._clip_compiled(16, 16)  # auto = off on CPU
     engine.options = replace(EXACT, compile="off")

@@ -8,11 +8,20 @@ audio plumbing. Inductor fuses what eager runs as separate passes (RMSNorm, the
 per-segment modulation, rope in float64, GELU, residual adds); matmuls and attention stay
 cuBLAS and the backend chosen by :mod:`storystudio.models.attention` (an opaque op).
 
-Static shapes (``dynamic=False``): each (resolution, clip length, first-or-later clip,
-CFG batch) is its own graph, compiled once and then read from the cache. The engine only
-compiles full-length clips (see ``WanS2VGenerator._clip_compiled``): a shortened last
-clip has one of twenty possible lengths, and a cold compile per length would cost more
-than it saves on one short clip.
+Two kinds of graph (:func:`dynamic_for`; the engine keeps a :class:`DiTCompiler` for each):
+
+* ``full``: clips of the job's ``infer_frames`` (every clip of a long scene but the last),
+  static shapes (``dynamic=False``): each (resolution, first-or-later clip, CFG batch) is
+  its own graph, compiled once and then read from the cache, with every size known to
+  inductor.
+* ``other``: every other clip length (a short scene's only clip, a long scene's last one,
+  a clip that took in a short tail). Forty possible lengths per resolution would be forty
+  cold compiles if each had its own static graph; these go through a second compiled
+  function with torch's automatic dynamic shapes (``dynamic=None``): a size that differs
+  from what that function saw before becomes symbolic, so after at most two compiles per
+  (resolution, first-or-later clip, CFG batch) every length reuses one graph. Only the
+  sizes that change (the token count and what follows from it) turn symbolic; the model
+  width and head sizes stay static, so the fused kernels keep their fixed reductions.
 
 The audio injection that runs after 12 of the blocks (``after_transformer_block``) is
 compiled the same way, as one graph for all 12 (:class:`DiTCompiler`,
@@ -51,7 +60,12 @@ from storystudio.models.audio_injection import frame_residual, model_injection
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE_DIRNAME = ".torch-compile-cache"  # inside the models folder (the network volume)
-RECOMPILE_LIMIT = 64  # graphs per code object: resolutions x first/later clip x CFG batch
+RECOMPILE_LIMIT = 64  # graphs per code object: resolutions x first/later clip x CFG batch x full/other
+
+
+def dynamic_for(full_length: bool) -> bool | None:
+    """``torch.compile``'s ``dynamic`` for a clip: static for full-length clips, automatic otherwise."""
+    return False if full_length else None
 
 
 def _slug(text: str) -> str:
@@ -135,7 +149,8 @@ class BlockCompiler:
     process; a shortened clip runs eager).
     """
 
-    def __init__(self, blocks: nn.ModuleList, *, backend: str | Callable[..., Any] = "inductor") -> None:
+    def __init__(self, blocks: nn.ModuleList, *, backend: str | Callable[..., Any] = "inductor",
+                 dynamic: bool | None = False) -> None:
         if len(blocks) == 0:
             raise ValueError("no blocks to compile")
         self.blocks = blocks
@@ -146,7 +161,7 @@ class BlockCompiler:
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        self._compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self._compiled = torch.compile(fn, dynamic=dynamic, backend=backend)
         self._tables = fused_rope.CompactTables()
 
     def _entry(self, block: nn.Module) -> Callable[..., torch.Tensor]:
@@ -175,7 +190,9 @@ class BlockCompiler:
 
 
 class DiTCompiler:
-    """The compiled blocks and the compiled audio injection of one ``WanModel_S2V``.
+    """The compiled blocks and the compiled audio injection of one ``WanModel_S2V``, for one
+    kind of clip (``dynamic``: False for full-length clips, None for the other lengths; see
+    the module's docstring).
 
     :meth:`installed` shadows the model's ``after_transformer_block`` with
     :func:`~storystudio.models.audio_injection.model_injection` over the compiled
@@ -183,11 +200,13 @@ class DiTCompiler:
     injected block, modules as inputs), next to :class:`BlockCompiler`'s blocks.
     """
 
-    def __init__(self, model: nn.Module, *, backend: str | Callable[..., Any] = "inductor") -> None:
+    def __init__(self, model: nn.Module, *, backend: str | Callable[..., Any] = "inductor",
+                 dynamic: bool | None = False) -> None:
         self.model = model
         self.backend = backend
-        self.blocks = BlockCompiler(model.blocks, backend=backend)  # type: ignore[arg-type]
-        self._residual = torch.compile(frame_residual, dynamic=False, backend=backend)
+        self.dynamic = dynamic
+        self.blocks = BlockCompiler(model.blocks, backend=backend, dynamic=dynamic)  # type: ignore[arg-type]
+        self._residual = torch.compile(frame_residual, dynamic=dynamic, backend=backend)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -13,9 +13,10 @@ where step-level speed-ups plug in.
 How a generation runs is set by :class:`~storystudio.models.video_path.VideoPathOptions`
 (``engine.options``, read at every generate): the exact path (default: the attention
 kernel picked by the start-up self-check, CFG's two branches in one batch-2 forward
-when memory allows, regional ``torch.compile`` of the DiT blocks on CUDA, a last clip
-only as long as the audio needs) or the baseline (the engine before issue 10). Both give
-the same video up to float rounding; each result's ``engine`` dict says what ran.
+when memory allows, regional ``torch.compile`` of the DiT blocks on CUDA for every clip
+length, a last clip only as long as the audio needs and a tail of one latent frame merged
+into the clip before it) or the baseline (the engine before issue 10). Both give the same
+video up to float rounding; each result's ``engine`` dict says what ran.
 
 Contract with the ModelManager: the weight-holding modules are exactly those of
 :meth:`components`; the manager moves them by reassigning ``param.data`` / buffers, so
@@ -49,7 +50,8 @@ from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
 from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.attention import AttentionSelection, select_backend
-from storystudio.models.compile import COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache, configure_inductor
+from storystudio.models.compile import (COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache, configure_inductor,
+                                        dynamic_for)
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
 from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.fused_rope import fused_rope
@@ -138,6 +140,12 @@ class GenerationPlan:
     def num_clips(self) -> int:
         return len(self.clip_frames)
 
+    @property
+    def clip_starts(self) -> list[int]:
+        """The frame each clip starts at in the audio and pose windows (official: ``r * infer_frames``;
+        a merged tail makes a clip longer, so the windows follow the clips' own lengths)."""
+        return [sum(self.clip_frames[:r]) for r in range(self.num_clips)]
+
 
 @dataclass
 class ClipInputs:
@@ -189,14 +197,24 @@ class EngineReport:
 
 def plan_clip_frames(target_frames: int, infer_frames: int, *,
                      first_clip_drop: int = L.FIRST_CLIP_DROP_FRAMES, trim_last: bool = True,
-                     granularity: int = L.INFER_FRAMES_MULTIPLE) -> list[int]:
+                     granularity: int = L.INFER_FRAMES_MULTIPLE, absorb_tail: int = L.TAIL_ABSORB_FRAMES,
+                     max_frames: int = L.INFER_FRAMES_MAX) -> list[int]:
     """Frames to generate per clip for a video of ``target_frames`` frames.
 
     Official rule: ``ceil((target + drop) / infer_frames)`` clips of ``infer_frames`` frames,
-    the first losing ``first_clip_drop`` frames. With ``trim_last`` the last clip is only
-    as long as the frames still missing (plus the drop when it is also the first clip),
-    rounded up to ``granularity`` (the VAE's temporal stride) and never longer than
-    ``infer_frames``: a 1 s line needs 16 + 3 frames and gets a 20-frame clip, not 80.
+    the first losing ``first_clip_drop`` frames. With ``trim_last`` (the exact path):
+
+    * the last clip is only as long as the frames still missing (plus the drop when it is
+      also the first clip), rounded up to ``granularity`` (the VAE's temporal stride) and
+      never longer than ``infer_frames``: a 1 s line needs 16 + 3 frames and gets a 20-frame
+      clip, not 80;
+    * a last clip of at most ``absorb_tail`` frames is merged into the clip before it (as
+      long as that stays within ``max_frames``): a 5 s line needs 80 + 3 frames and gets one
+      84-frame clip, not 80 + 4. A clip of its own would cost a VAE encode of the motion
+      frames, every denoising step and a decode for one latent frame; one latent frame more
+      in the previous clip costs about 5 % of its steps. The merged clip is what the official
+      code computes with ``infer_frames`` = its length; the memory plan counts it
+      (``footprint.longest_clip_frames``).
     """
     if target_frames < 1 or infer_frames < granularity or infer_frames % granularity:
         raise ValueError(f"bad clip plan: {target_frames} frames, clips of {infer_frames}")
@@ -205,6 +223,9 @@ def plan_clip_frames(target_frames: int, infer_frames: int, *,
     if trim_last:
         missing = target_frames + first_clip_drop - infer_frames * (num_clips - 1)
         clips[-1] = min(infer_frames, math.ceil(missing / granularity) * granularity)
+        if len(clips) > 1 and clips[-1] <= absorb_tail and clips[-2] + clips[-1] <= max_frames:
+            tail = clips.pop()
+            clips[-1] += tail
     return clips
 
 
@@ -389,8 +410,11 @@ class WanS2VGenerator:
         # job does not read (the other weight copy of the exact/fast pair) and returns the bytes freed.
         self.make_room = make_room
         self.attention: AttentionSelection | None = None  # the start-up self-check's result
-        self._compiler: DiTCompiler | None = None
-        self._compile_error: str | None = None  # set when compiling failed once: eager from then on
+        # One compiler per kind of clip (True: full length, static shapes; False: other lengths,
+        # automatic dynamic shapes; compile.dynamic_for) and the error that turned a kind off:
+        # a kind whose compile failed once runs eager from then on, the other kind stays compiled.
+        self._compilers: dict[bool, DiTCompiler] = {}
+        self._compile_errors: dict[bool, str] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -551,23 +575,30 @@ class WanS2VGenerator:
         feat = linear_interpolation(feat.float(), input_fps=50, output_fps=enc.video_rate)
         return feat.float()
 
-    def _pose_cond(self, pose: np.ndarray | None, num_clips: int, infer_frames: int, height: int,
+    def _pose_cond(self, pose: np.ndarray | None, clip_frames: list[int], height: int,
                    width: int) -> list[torch.Tensor]:
-        """``WanS2V.load_pose_cond``: one cond latent per clip ([1, 16, infer/4, h, w])."""
+        """``WanS2V.load_pose_cond``: one cond latent per clip ([1, 16, frames/4, h, w]).
+
+        Official: the pose video cut into ``infer_frames`` chunks (padded with -1 frames),
+        each encoded after a copy of its first frame. Here each chunk is its clip's own
+        length, which is the official chunk for full clips; for a shortened last clip the
+        Wan VAE is causal in time, so its latents are the first ones of the official chunk.
+        """
         if pose is None:
             # Official: COND[0] * 0 when no pose video is given (encoding -1 frames and
             # multiplying by zero); the zeros are built directly.
-            shape = [1, 16, infer_frames // 4, height // 8, width // 8]
+            shape = [1, 16, max(clip_frames) // 4, height // 8, width // 8]
             return [torch.zeros(shape, dtype=torch.float32)]
-        frames = pose[: infer_frames * num_clips]
+        total = sum(clip_frames)
+        frames = pose[:total]
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0 * 2 - 1.0
         x = _center_crop(_resize_shorter(x, min(height, width)), height, width, fill=0.0)
         x = x.permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, T, H, W]
-        pad = num_clips * infer_frames - x.shape[2]
+        pad = total - x.shape[2]
         if pad > 0:
             x = torch.cat([x, -torch.ones([1, 3, pad, height, width])], dim=2)
         conds = []
-        for chunk in torch.chunk(x, num_clips, dim=2):
+        for chunk in torch.split(x, clip_frames, dim=2):
             chunk = torch.cat([chunk[:, :, 0:1], chunk], dim=2)
             conds.append(self._vae_encode(chunk)[:, :, 1:].cpu())
         return conds
@@ -621,7 +652,7 @@ class WanS2VGenerator:
                               clip_frames=list(plan.clip_frames), rope=self.options.rope)
         audio_emb = self._embed_audio(req.audio, plan)
         ref_latents, motion_latents, last_frames = self._reference_and_motion(req.image, plan)
-        pose = self._pose_cond(req.pose_frames, plan.num_clips, plan.infer_frames, plan.height, plan.width)
+        pose = self._pose_cond(req.pose_frames, plan.clip_frames, plan.height, plan.width)
         context, context_null = self._text_context(req)
         out = []
         skipped: list[list[int]] = []  # fast preset: the steps each clip's step cache reused
@@ -678,7 +709,7 @@ class WanS2VGenerator:
                                                                     m=0)
         bucket = bucket.to(self.device, self.dtype).unsqueeze(0)
         audio_emb = bucket.permute(0, 2, 3, 1) if bucket.ndim == 4 else bucket.permute(0, 2, 1)
-        need = plan.num_clips * plan.infer_frames
+        need = sum(plan.clip_frames)
         if audio_emb.shape[-1] < need:
             audio_emb = F.pad(audio_emb, (0, need - audio_emb.shape[-1]))
         return audio_emb
@@ -731,7 +762,7 @@ class WanS2VGenerator:
         lat_frames = (frames + 3 + self.motion_frames) // 4 - lat_motion_frames
         target_shape = [lat_frames, plan.height // 8, plan.width // 8]
         noise = torch.randn(16, *target_shape, dtype=dtype, device=dev, generator=generator)
-        left = r * plan.infer_frames
+        left = plan.clip_starts[r]
         cond_latents = (pose[r] if req.pose_frames is not None else pose[0] * 0)[:, :, :lat_frames]
         audio_input = audio_emb[..., left:left + frames]
         drop_motion = self.drop_first_motion and r == 0
@@ -753,6 +784,7 @@ class WanS2VGenerator:
         :meth:`_denoise`. Returns the final latents and the steps the step cache reused."""
         scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
         guidance = float(req.guidance)
+        full_length = clip.frames == plan.infer_frames
         compiled = self._clip_compiled(clip.frames, plan.infer_frames)
         batched = guidance > 1 and self._cfg_batch(plan.height * plan.width, clip.frames, compiled=compiled)
         # Fast preset: a fresh step cache per clip; ``forward(branch, x, **kw)`` computes or reuses.
@@ -767,16 +799,18 @@ class WanS2VGenerator:
                 latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
             else:
                 try:
-                    with self._compiler_for(True):
+                    with self._compiler_for(full_length):
                         latents = self._denoise(clip.noise, timesteps, scheduler, call_model, clip.generator)
                     report.compiled_clips += 1
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a compiler failure must cost speed, not the job
-                    # Eager from here on for this engine; a genuine model error recurs eagerly and surfaces.
-                    self._compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    log.warning("compiled DiT blocks failed (%s); running eager from now on", self._compile_error)
-                    report.notes.append(f"clip {clip.index}: compile failed, ran eager ({self._compile_error})")
+                    # Eager from here on for clips of this kind; a genuine model error recurs eagerly and surfaces.
+                    error = self._compile_errors[full_length] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    kind = "full-length" if full_length else "other-length"
+                    log.warning("compiled DiT blocks failed on a %s clip (%s); %s clips run eager from now on",
+                                kind, error, kind)
+                    report.notes.append(f"clip {clip.index}: compile failed, ran eager ({error})")
                     clip.generator.set_state(rng_state)
                     scheduler, timesteps = self._scheduler(req.solver, int(req.steps), float(req.shift))
                     if cache is not None:
@@ -896,24 +930,27 @@ class WanS2VGenerator:
 
     # --- compile
     def _clip_compiled(self, frames: int, infer_frames: int) -> bool:
-        """Regional compile for this clip? ``auto`` = on CUDA; only full-length clips (see compile.py)."""
+        """Regional compile for this clip? ``auto`` = on CUDA, for every clip length (full-length
+        clips on static graphs, the others on one automatic-dynamic graph; see compile.py),
+        unless that kind's compile failed before."""
         mode = self.options.compile
         on = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         # A DiT whose forward was replaced on the instance (the multi-GPU ParallelDiT) runs its
         # blocks in lock-step with other ranks that do not compile: left eager.
         parallel = "forward" in vars(self.transformer)
-        return on and frames == infer_frames and self._compile_error is None and not parallel
+        return on and (frames == infer_frames) not in self._compile_errors and not parallel
 
-    def _compiler_for(self, compiled: bool) -> contextlib.AbstractContextManager[None]:
-        if not compiled:
-            return contextlib.nullcontext()
+    def _compiler_for(self, full_length: bool) -> contextlib.AbstractContextManager[None]:
+        """The compiled blocks for a full-length clip or a clip of another length, installed."""
         backend = self.options.compile_backend
-        if self._compiler is None or self._compiler.backend != backend:
+        compiler = self._compilers.get(full_length)
+        if compiler is None or compiler.backend != backend:
             if backend == "inductor":
                 configure_cache(self.compile_cache_dir, self.device)
                 log.info("inductor settings: %s", configure_inductor())
-            self._compiler = DiTCompiler(self.transformer, backend=backend)
-        return self._compiler.installed()
+            compiler = self._compilers[full_length] = DiTCompiler(self.transformer, backend=backend,
+                                                                  dynamic=dynamic_for(full_length))
+        return compiler.installed()
 
     def _attention_backend(self) -> str:
         """The backend this generation uses: the self-check's pick for ``options.attention``."""

@@ -10,10 +10,11 @@ attention          fastest kernel that passes the start-up        ``default``: o
 cfg_batch          cond + uncond in one batch-2 forward when      two forwards per step
                    memory allows (``STORYSTUDIO_CFG_BATCH``)
 compile            regional ``torch.compile`` of the DiT blocks   eager
-                   and the audio injection on CUDA
-                   (``STORYSTUDIO_COMPILE``)
+                   and the audio injection on CUDA, every clip
+                   length (``STORYSTUDIO_COMPILE``)
 trim_last_clip     the last clip only as long as the audio        every clip ``infer_frames`` long
-                   needs (rounded up to 4 frames)
+                   needs (rounded up to 4 frames); a tail of
+                   one latent frame merged into the clip before
 rope               ``fused``: the RoPE table on the GPU, the      ``official``: table on the CPU,
                    rotation in real float32 arithmetic that       complex128 product per call
                    inductor fuses (``STORYSTUDIO_ROPE``)
