@@ -494,24 +494,41 @@ class WanS2VGenerator:
         return self.attention
 
     def warmup(self, *, width: int = 832, height: int = 480, infer_frames: int = 80) -> float:
-        """One 1-step clip of ``infer_frames`` at ``width × height``, guided as a default job; returns its seconds.
+        """1-step clips at ``width × height``, guided as a default job; returns their seconds.
 
         Run by the worker's pre-warm so the first real video does not pay for first
         calls (cuBLAS/cuDNN handles and workspaces, lazily loaded attention and
         convolution kernels, the allocator's first blocks, wav2vec2 and T5 first
-        passes). The reference image is ``width × height`` and the area its product, so the
-        official size rule picks the shape a 480p job with a reference of that size gets
-        (an 832×480 reference gives 448×832 frames); the audio fills exactly one clip. The
-        default guidance runs both CFG branches the way a real job does (batched where
-        memory allows), so the compiled DiT blocks and the kernels see a job's shapes.
+        passes) nor for compiling. The reference image is ``width × height`` and the area
+        its product, so the official size rule picks the shape a 480p job with a reference
+        of that size gets (an 832×480 reference gives 448×832 frames). The default guidance
+        runs both CFG branches the way a real job does (batched where memory allows), so the
+        compiled DiT blocks and the kernels see a job's shapes.
+
+        Two clips on the exact path: one of ``infer_frames`` (the full-length graph) and the
+        one a line of ``infer_frames`` frames of audio gets (``infer_frames`` + a merged
+        one-latent tail: the other-length graph, which then serves every single-clip line of
+        another length too; compile.py). The baseline makes full-length clips only.
         """
         image = Image.new("RGB", (width, height), (128, 128, 128))
-        seconds = (infer_frames - (3 if self.drop_first_motion else 0)) / FPS
-        t = np.linspace(0, seconds, int(seconds * SAMPLE_RATE), endpoint=False, dtype=np.float32)
-        audio = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        req = VideoRequest(image=image, audio=audio, prompt="warm-up", max_area=width * height,
-                           infer_frames=infer_frames, steps=1, guidance=L.VIDEO_GUIDANCE_DEFAULT, seed=0)
-        return self.generate(req).seconds
+        drop = L.FIRST_CLIP_DROP_FRAMES if self.drop_first_motion else 0
+        lengths = [infer_frames]
+        longest = plan_clip_frames(infer_frames, infer_frames, first_clip_drop=drop,
+                                   trim_last=self.options.trim_last_clip)
+        if len(longest) == 1 and longest[0] != infer_frames:
+            lengths.append(longest[0])
+        total = 0.0
+        for frames in lengths:
+            seconds = (frames - drop) / FPS if frames == infer_frames else infer_frames / FPS
+            t = np.linspace(0, seconds, int(round(seconds * SAMPLE_RATE)), endpoint=False, dtype=np.float32)
+            audio = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+            req = VideoRequest(image=image, audio=audio, prompt="warm-up", max_area=width * height,
+                               infer_frames=infer_frames, steps=1, guidance=L.VIDEO_GUIDANCE_DEFAULT, seed=0)
+            result = self.generate(req)
+            if result.engine["clip_frames"] != [frames]:
+                log.warning("warm-up clip of %d frames ran as %s", frames, result.engine["clip_frames"])
+            total += result.seconds
+        return total
 
     # ------------------------------------------------------------------ contract
     def components(self) -> dict[str, torch.nn.Module]:
