@@ -12,6 +12,11 @@ One process, one loaded model; the engine's options are switched between runs (n
   same inputs and seed, so ``exact_vs_baseline_drift`` (relative L2 of the final latents; bf16
   kernel differences only) checks on the GPU that the exact path computes the same video, and
   ``fast_vs_exact_drift`` is the fast knobs' drift over the timed steps.
+* ``short``: a line shorter than one clip (3 s: one 52-frame clip) at 480p on the exact path,
+  compiled (the other-length graph of compile.py, after a 1-step full clip as a worker's
+  warm-up would run) and eager: ``exact_short_cfg_step_s``, ``exact_short_eager_cfg_step_s``,
+  ``short_compiled_speedup``, and the compiled-vs-eager drift. Before the scenes in ``all``,
+  so the scenes' clips (84 frames) find that graph compiled.
 * ``scenes``: one 5 s scene end to end through ``Worker.handle`` (data-URI inputs, local
   storage) at the default 40 steps, exact and fast, with the job's peak VRAM on a GPU.
 
@@ -91,9 +96,11 @@ class Shape:
 PROFILES: dict[str, dict[str, Any]] = {
     # Official sizes: 480p -> 448x832 and 720p -> 704x1280 from a 16:9 reference; 80-frame clips.
     "full": {"shapes": {"480p": Shape((832, 448), 480 * 832), "720p": Shape((1280, 720), 720 * 1280)},
-             "infer_frames": 80, "scene_steps": 40, "scene_seconds": 5.0, "compile_backend": "inductor"},
+             "infer_frames": 80, "scene_steps": 40, "scene_seconds": 5.0, "short_clip_frames": 52,
+             "compile_backend": "inductor"},
     "tiny": {"shapes": {"480p": Shape((80, 48), 64 * 64), "720p": Shape((128, 72), 96 * 96)},
-             "infer_frames": 16, "scene_steps": 2, "scene_seconds": 0.75, "compile_backend": "aot_eager"},
+             "infer_frames": 16, "scene_steps": 2, "scene_seconds": 0.75, "short_clip_frames": 8,
+             "compile_backend": "aot_eager"},
 }
 
 
@@ -205,10 +212,11 @@ class StepTimer(DenoiseWrapper):
         return self
 
 
-def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_backend: str) -> dict[str, Any]:
-    """One single-clip generation on ``path``: per-step seconds, steady CFG step, peak VRAM."""
+def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_backend: str,
+                  options: VideoPathOptions | None = None) -> dict[str, Any]:
+    """One single-clip generation on ``path`` (or ``options``): per-step seconds, steady CFG step, peak VRAM."""
     engine = manager.ensure(VIDEO_SET)
-    engine.options = options_for(path, compile_backend)
+    engine.options = options or options_for(path, compile_backend)
     with StepTimer(engine) as timer, LatentRecorder(engine) as rec:
         t0 = time.perf_counter()
         result = run_on_manager(manager, request_for(path, req, engine.device))
@@ -221,12 +229,13 @@ def measure_steps(manager: ModelManager, req: VideoRequest, path: str, compile_b
             "speed": result.speed, "latents": rec.latents}
 
 
-def steps_request(shape: Shape, infer_frames: int, steps: int) -> VideoRequest:
-    """One full clip: ``infer_frames - 3`` frames of audio (the first clip drops 3)."""
+def steps_request(shape: Shape, infer_frames: int, steps: int, clip_frames: int | None = None) -> VideoRequest:
+    """One clip of ``clip_frames`` (default: a full clip): ``clip_frames - 3`` frames of audio (the first
+    clip drops 3)."""
     rng = np.random.default_rng(0)
     w, h = shape.image_wh
     image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    seconds = (infer_frames - 3) / 16
+    seconds = ((clip_frames or infer_frames) - 3) / 16
     audio = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
     return VideoRequest(image=image, audio=audio, prompt="a person talking", max_area=shape.max_area,
                         infer_frames=infer_frames, steps=steps, guidance=4.5, seed=1)
@@ -305,6 +314,39 @@ def run_steps(manager: ModelManager, args: argparse.Namespace, prof: dict[str, A
         if "exact" in latents and "fast" in latents:
             res[f"fast_vs_exact_drift{suffix}"] = scene_drift(latents["fast"], latents["exact"])
         dump()
+
+
+def run_short(manager: ModelManager, args: argparse.Namespace, prof: dict[str, Any], res: dict[str, Any],
+              dump) -> None:
+    """A line shorter than one clip (3 s at the full profile: one 52-frame clip) on the exact path,
+    compiled and eager, at 480p. Such a clip runs on the other-length graph (compile.py); a
+    1-step full clip first stands for a worker that has run one (or its warm-up), as in
+    production. ``exact_short_first_step_s`` holds that graph's compile (cold unless the cache
+    was kept)."""
+    shape, infer = prof["shapes"]["480p"], prof["infer_frames"]
+    frames = prof["short_clip_frames"]
+    res["short_clip_frames"] = frames
+    compiled_opts = options_for("exact", prof["compile_backend"])
+    try:
+        measure_steps(manager, steps_request(shape, infer, 1), "exact", prof["compile_backend"])
+        req = steps_request(shape, infer, args.steps, clip_frames=frames)
+        runs = {"compiled": measure_steps(manager, req, "exact", prof["compile_backend"], compiled_opts),
+                "eager": measure_steps(manager, req, "exact", prof["compile_backend"],
+                                       replace(compiled_opts, compile="off"))}
+    except Exception as exc:  # noqa: BLE001 - a failure is a finding; the other parts still run
+        log.exception("short clip failed")
+        res["short_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        dump()
+        return
+    latents = {k: m.pop("latents") for k, m in runs.items()}
+    res["short_detail"] = runs
+    c, e = runs["compiled"], runs["eager"]
+    res.update(exact_short_cfg_step_s=c["cfg_step_s"], exact_short_first_step_s=c["first_step_s"],
+               exact_short_eager_cfg_step_s=e["cfg_step_s"], exact_short_peak_gib=c["peak_gib"],
+               exact_short_eager_peak_gib=e["peak_gib"],
+               short_compiled_speedup=round(e["cfg_step_s"] / c["cfg_step_s"], 3),
+               short_compiled_vs_eager_drift=scene_drift(latents["compiled"], latents["eager"]))
+    dump()
 
 
 def run_warm_compile(args: argparse.Namespace, wan_dir: Path, res: dict[str, Any]) -> None:
@@ -471,7 +513,9 @@ def print_table(res: dict[str, Any]) -> None:
     print("\n| metric | value |\n|---|---|")
     for key in ("compile_warm_s", "scene_5s_480p_exact_s", "scene_5s_480p_fast_s", "scene_5s_480p_exact_peak_gib",
                 "scene_5s_480p_fast_peak_gib", "scene_5s_480p_fast_skipped_steps",
-                "scene_5s_480p_fast_drift", "attention_8bit_check", "fast_note"):
+                "scene_5s_480p_fast_drift", "short_clip_frames", "exact_short_cfg_step_s",
+                "exact_short_first_step_s", "exact_short_eager_cfg_step_s", "short_compiled_speedup",
+                "short_compiled_vs_eager_drift", "attention_8bit_check", "fast_note"):
         if key in res:
             print(f"| {key} | {res[key]} |")
     checks = (res.get("attention_selfcheck") or {}).get("checks") or {}
@@ -485,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--parts", choices=["steps", "scenes", "all"], default="all")
+    ap.add_argument("--parts", choices=["steps", "short", "scenes", "all"], default="all")
     ap.add_argument("--resolutions", type=lambda s: s.split(","), default=["480p", "720p"])
     ap.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS))
     ap.add_argument("--steps", type=int, default=3, help="denoising steps per timed run (first = warm-up)")
@@ -527,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wan_dir = workdir / "Wan2.2-S2V-14B"
     ensure_checkpoint(wan_dir, args.profile, args.device, res)
     cache = workdir / COMPILE_CACHE_DIRNAME
-    if not args.keep_compile_cache and args.parts in ("steps", "all"):
+    if not args.keep_compile_cache and args.parts in ("steps", "short", "all"):
         shutil.rmtree(cache, ignore_errors=True)  # a cold compile must really be cold
     dump()
 
@@ -553,6 +597,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.parts in ("steps", "all"):
         run_steps(worker.manager, args, prof, res, dump)
+    if args.parts in ("short", "all") and "exact" in args.paths:
+        run_short(worker.manager, args, prof, res, dump)
     if args.parts in ("scenes", "all"):
         run_scenes(worker, args, prof, res, dump)
     if args.parts in ("steps", "all") and not args.no_warm_compile and "exact" in args.paths:

@@ -56,6 +56,14 @@ def test_tiny_profile_runs_every_part(bench, tmp_path, capsys):
     assert saved["fast_cfg_step_s"] > 0 and saved["scene_5s_480p_fast_s"] > 0
     # The preset's drift against the exact scene (same inputs and seed): FP8 moves the latents a little.
     assert 0 < saved["scene_5s_480p_fast_drift"] < 1
+    # The short line: one 8-frame clip, compiled on the other-length graph and eager; same math.
+    short = saved["short_detail"]
+    assert saved["short_clip_frames"] == 8
+    assert short["compiled"]["engine"]["clip_frames"] == short["eager"]["engine"]["clip_frames"] == [8]
+    assert short["compiled"]["engine"]["compiled_clips"] == 1 and short["compiled"]["engine"]["notes"] == []
+    assert short["eager"]["engine"]["compiled_clips"] == 0
+    assert saved["exact_short_cfg_step_s"] > 0 and saved["exact_short_eager_cfg_step_s"] > 0
+    assert saved["short_compiled_speedup"] > 0 and saved["short_compiled_vs_eager_drift"] < 1e-3
     check = saved["attention_8bit_check"]
     assert check["available"] is False and "sageattention is not installed" in check["detail"]
     table = capsys.readouterr().out

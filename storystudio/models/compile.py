@@ -146,7 +146,7 @@ class BlockCompiler:
     :meth:`installed` sets each block's ``forward`` to the compiled function for the
     duration of a ``with`` block and removes it afterwards, so the same loaded model runs
     compiled or eager from one call to the next (the benchmark compares both in one
-    process; a shortened clip runs eager).
+    process; the engine installs the full-length or the other-length compiler per clip).
     """
 
     def __init__(self, blocks: nn.ModuleList, *, backend: str | Callable[..., Any] = "inductor",
