@@ -364,6 +364,38 @@ def test_other_clip_lengths_share_one_compiled_graph(engine):
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_warmup_compiles_both_kinds_of_graph(engine, monkeypatch):
+    """With compiled blocks the warm-up runs a full clip and the merged clip of a one-clip line, so a
+    first job of another length compiles nothing; eager, one clip is enough."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    clips = []
+    real = engine.generate
+
+    def recording(req, *args, **kwargs):
+        result = real(req, *args, **kwargs)
+        clips.append(result.engine)
+        return result
+
+    monkeypatch.setattr(engine, "generate", recording)
+    torch.compiler.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    try:
+        engine.options = replace(EXACT, compile="on", compile_backend=counter)
+        engine.warmup(width=64, height=64, infer_frames=16)
+        warm_graphs = counter.frame_count
+        _lengths_run(engine, engine.options, [12], eager_too=False)  # a first real job: a 0.56 s line
+        after_job = counter.frame_count
+        engine.options = replace(EXACT, compile="off")
+        engine.warmup(width=64, height=64, infer_frames=16)
+    finally:
+        engine._compilers.clear()
+        torch.compiler.reset()
+    assert [c["clip_frames"] for c in clips] == [[16], [20], [12], [16]]
+    assert [c["compiled_clips"] for c in clips] == [1, 1, 1, 0]
+    assert warm_graphs == 4 and after_job == 4  # full-length and other-length graphs, nothing after
+
+
 def test_failing_other_length_compile_leaves_full_clips_compiled(engine):
     def no_symbolic_shapes(gm, example_inputs):
         if any(isinstance(i, torch.SymInt) or (isinstance(i, torch.Tensor) and

@@ -505,17 +505,18 @@ class WanS2VGenerator:
         runs both CFG branches the way a real job does (batched where memory allows), so the
         compiled DiT blocks and the kernels see a job's shapes.
 
-        Two clips on the exact path: one of ``infer_frames`` (the full-length graph) and the
-        one a line of ``infer_frames`` frames of audio gets (``infer_frames`` + a merged
-        one-latent tail: the other-length graph, which then serves every single-clip line of
-        another length too; compile.py). The baseline makes full-length clips only.
+        When the DiT blocks are compiled, a second clip follows: the one a line of
+        ``infer_frames`` frames of audio gets (``infer_frames`` + a merged one-latent tail), so
+        the other-length graph is compiled too, which then serves every single-clip line of
+        another length (compile.py). Eager (a CPU, ``STORYSTUDIO_COMPILE=off``, the baseline) the
+        first clip has paid every first call already.
         """
         image = Image.new("RGB", (width, height), (128, 128, 128))
         drop = L.FIRST_CLIP_DROP_FRAMES if self.drop_first_motion else 0
         lengths = [infer_frames]
         longest = plan_clip_frames(infer_frames, infer_frames, first_clip_drop=drop,
                                    trim_last=self.options.trim_last_clip)
-        if len(longest) == 1 and longest[0] != infer_frames:
+        if len(longest) == 1 and longest[0] != infer_frames and self._clip_compiled(longest[0], infer_frames):
             lengths.append(longest[0])
         total = 0.0
         for frames in lengths:
