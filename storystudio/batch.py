@@ -37,7 +37,8 @@ from storystudio.errors import StoryStudioError
 from storystudio.manifest import Manifest, Part, image_hash, story_segment, video_hash
 from storystudio.media import AudioClip, load_image
 from storystudio.models import speed
-from storystudio.models.footprint import longest_clip_frames, video_working_bytes
+from storystudio.models.clip_plan import longest_clip_frames
+from storystudio.models.footprint import video_working_bytes
 from storystudio.progress import ProgressReporter
 from storystudio.render import (
     VIDEO_FPS,
@@ -276,7 +277,8 @@ def videos(ctx: RenderContext, story: _Story, video_scenes: list[Scene], fetches
         except Exception as exc:  # noqa: BLE001
             results[sid]["error"] = _scene_error(exc, stage)
         else:
-            units = video_units(audio.duration_s, task.video.area, task.video.infer_frames, task.video.steps)
+            units = video_units(audio.duration_s, task.video.area, task.video.infer_frames, task.video.steps,
+                                trim_last=ctx.settings.video_path.trim_last_clip)
             fits, est = story.deadline.fits("video", units)
             if not fits:
                 results[sid]["error"] = story.deadline.exceeded("video", est)

@@ -9,8 +9,8 @@ returns what is done, and marks the rest ``deadline_exceeded``. With ``resume``,
 submitting the story again renders only those.
 
 Estimates are in *work units* per kind, so a 720p scene is not judged by a 480p one:
-an image is ``steps × megapixels``; a video ``steps × clips × (area / 480p area) ×
-(frames per clip / 80)``. Once a piece of a kind has been measured, the slowest
+an image is ``steps × megapixels``; a video ``steps × (frames its clips generate / 80) ×
+(area / 480p area)``, the clips planned by the engine's own rule (``models/clip_plan.py``). Once a piece of a kind has been measured, the slowest
 measured seconds-per-unit of that kind (times a safety factor) is used; before that a
 conservative prior per unit plus a fixed per-piece cost (encode, upload), taken from
 this project's H100 measurements with a margin (``bench/RESULTS.md``: a 480p CFG step
@@ -19,13 +19,13 @@ of 80 frames ≈ 8 s). Plain numbers, no torch: the schema-side code can import 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from storystudio import limits as L
+from storystudio.models.clip_plan import plan_clip_frames
 
 Kind = Literal["image", "video"]
 
@@ -41,14 +41,15 @@ def image_units(width: int, height: int, steps: int) -> float:
     return steps * width * height / 1024**2
 
 
-def video_clips(audio_seconds: float, infer_frames: int) -> int:
-    """Clips a video of ``audio_seconds`` needs (the first clip loses its dropped frames)."""
+def video_frames(audio_seconds: float, infer_frames: int, *, trim_last: bool = True) -> int:
+    """Frames the engine generates for a line of ``audio_seconds``: the sum of its planned clips
+    (the first loses its dropped frames; ``trim_last``: the exact path's shortened or merged last clip)."""
     frames = max(1, round(audio_seconds * L.VIDEO_FPS))
-    return max(1, math.ceil((frames + L.FIRST_CLIP_DROP_FRAMES) / infer_frames))
+    return sum(plan_clip_frames(frames, infer_frames, trim_last=trim_last))
 
 
-def video_units(audio_seconds: float, area: int, infer_frames: int, steps: int) -> float:
-    return steps * video_clips(audio_seconds, infer_frames) * area / _VIDEO_REF_AREA * infer_frames / 80
+def video_units(audio_seconds: float, area: int, infer_frames: int, steps: int, *, trim_last: bool = True) -> float:
+    return steps * video_frames(audio_seconds, infer_frames, trim_last=trim_last) / 80 * area / _VIDEO_REF_AREA
 
 
 @dataclass

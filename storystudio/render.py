@@ -28,7 +28,8 @@ from storystudio.deadline import Deadline
 from storystudio.inputs import fetch_bytes
 from storystudio.limits import VIDEO_FPS
 from storystudio.media import AudioClip, decode_audio, decode_video_frames, encode_mp4, encode_png, load_image, to_mono_16k
-from storystudio.models.footprint import image_working_bytes, longest_clip_frames, video_working_bytes
+from storystudio.models.clip_plan import longest_clip_frames
+from storystudio.models.footprint import image_working_bytes, video_working_bytes
 from storystudio.models.model_manager import ModelManager
 from storystudio.progress import ProgressReporter
 from storystudio.storage import ObjectKey, Storage, make_key

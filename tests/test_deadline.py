@@ -10,7 +10,7 @@ import pytest
 from storystudio import batch as batch_module
 from storystudio import worker as worker_module
 from storystudio.config import WorkerSettings
-from storystudio.deadline import PRIOR_FIXED_S, SAFETY, Deadline, image_units, video_clips, video_units
+from storystudio.deadline import PRIOR_FIXED_S, SAFETY, Deadline, image_units, video_frames, video_units
 from storystudio.errors import InvalidInput
 from storystudio.media import probe_media
 from tests.test_worker import FPS, batch, data_uri, make_worker
@@ -28,9 +28,15 @@ def test_estimates_start_from_the_prior_then_follow_the_slowest_measured_rate():
     clock = FakeClock()
     d = Deadline(300.0, clock=clock, margin_s=10.0)
     units = video_units(5.0, 480 * 832, 80, 40)
-    assert video_clips(5.0, 80) == 2 and units == pytest.approx(80.0)
+    # The engine's own clip plan: a 5 s line is one 84-frame clip (80 + 3 dropped, the one-latent
+    # tail merged), so 40 steps x 84/80; the baseline's two full clips count 80 units.
+    assert video_frames(5.0, 80) == 84 and units == pytest.approx(42.0)
+    assert video_frames(5.0, 80, trim_last=False) == 160
+    assert video_units(5.0, 480 * 832, 80, 40, trim_last=False) == pytest.approx(80.0)
+    assert video_frames(3.0, 80) == 52 and video_units(3.0, 720 * 1280, 80, 40) == pytest.approx(26.0 * 720 * 1280
+                                                                                                  / (480 * 832))
     ok, est = d.fits("video", units)
-    assert est == pytest.approx(PRIOR_FIXED_S["video"] + 12.0 * 80) and not ok, "the prior alone exceeds 290 s"
+    assert est == pytest.approx(PRIOR_FIXED_S["video"] + 12.0 * 42) and not ok, "the prior alone exceeds 290 s"
     assert d.fits("image", image_units(1024, 1024, 8)) == (True, pytest.approx(PRIOR_FIXED_S["image"] + 8.0))
     with d.timed("video", 10.0):
         clock.now += 50.0  # 5 s per unit

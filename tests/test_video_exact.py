@@ -15,7 +15,8 @@ from storystudio.models import attention
 from storystudio.models.compile import BlockCompiler, cache_dir_for, configure_cache
 from storystudio.models.footprint import GiB, video_working_bytes
 from storystudio.models.model_manager import ModelManager
-from storystudio.models.video_generator import VideoRequest, WanS2VGenerator, plan_clip_frames
+from storystudio.models.clip_plan import plan_clip_frames
+from storystudio.models.video_generator import VideoRequest, WanS2VGenerator
 from storystudio.models.video_path import VideoPathOptions
 
 AREA = 64 * 64

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storystudio import limits as L
-
 GiB = 1024**3
 _MARGIN = 1.25
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
@@ -48,14 +46,6 @@ def video_working_bytes(area: int, infer_frames: int = 80, *, batch: int = 1, co
     per_mp = _VIDEO_GIB_PER_MP_COMPILED if compiled else _VIDEO_GIB_PER_MP_EAGER
     gib = 0.5 + per_mp * (area / 1e6) * (infer_frames / 80) * batch
     return int(gib * _MARGIN * GiB)
-
-
-def longest_clip_frames(infer_frames: int) -> int:
-    """The longest clip a job of ``infer_frames`` frames per clip may generate: the exact path
-    merges a tail of up to ``TAIL_ABSORB_FRAMES`` into the clip before it
-    (``video_generator.plan_clip_frames``), never past ``INFER_FRAMES_MAX``. What the
-    ModelManager plans a video job's memory with."""
-    return max(infer_frames, min(infer_frames + L.TAIL_ABSORB_FRAMES, L.INFER_FRAMES_MAX))
 
 
 def image_working_bytes(width: int, height: int) -> int:

@@ -50,6 +50,7 @@ from storystudio.limits import SPEECH_SAMPLE_RATE as SAMPLE_RATE
 from storystudio.limits import VIDEO_FPS as FPS
 from storystudio.errors import CheckpointError, GenerationError, InvalidInput
 from storystudio.models.attention import AttentionSelection, select_backend
+from storystudio.models.clip_plan import plan_clip_frames
 from storystudio.models.compile import (COMPILE_CACHE_DIRNAME, DiTCompiler, configure_cache, configure_inductor,
                                         dynamic_for)
 from storystudio.models.engine import default_dtype, is_int, require_resident, resolve_device
@@ -193,40 +194,6 @@ class EngineReport:
             "compiled_clips": self.compiled_clips,
             "notes": self.notes,
         }
-
-
-def plan_clip_frames(target_frames: int, infer_frames: int, *,
-                     first_clip_drop: int = L.FIRST_CLIP_DROP_FRAMES, trim_last: bool = True,
-                     granularity: int = L.INFER_FRAMES_MULTIPLE, absorb_tail: int = L.TAIL_ABSORB_FRAMES,
-                     max_frames: int = L.INFER_FRAMES_MAX) -> list[int]:
-    """Frames to generate per clip for a video of ``target_frames`` frames.
-
-    Official rule: ``ceil((target + drop) / infer_frames)`` clips of ``infer_frames`` frames,
-    the first losing ``first_clip_drop`` frames. With ``trim_last`` (the exact path):
-
-    * the last clip is only as long as the frames still missing (plus the drop when it is
-      also the first clip), rounded up to ``granularity`` (the VAE's temporal stride) and
-      never longer than ``infer_frames``: a 1 s line needs 16 + 3 frames and gets a 20-frame
-      clip, not 80;
-    * a last clip of at most ``absorb_tail`` frames is merged into the clip before it (as
-      long as that stays within ``max_frames``): a 5 s line needs 80 + 3 frames and gets one
-      84-frame clip, not 80 + 4. A clip of its own would cost a VAE encode of the motion
-      frames, every denoising step and a decode for one latent frame; one latent frame more
-      in the previous clip costs about 5 % of its steps. The merged clip is what the official
-      code computes with ``infer_frames`` = its length; the memory plan counts it
-      (``footprint.longest_clip_frames``).
-    """
-    if target_frames < 1 or infer_frames < granularity or infer_frames % granularity:
-        raise ValueError(f"bad clip plan: {target_frames} frames, clips of {infer_frames}")
-    num_clips = max(1, math.ceil((target_frames + first_clip_drop) / infer_frames))
-    clips = [infer_frames] * num_clips
-    if trim_last:
-        missing = target_frames + first_clip_drop - infer_frames * (num_clips - 1)
-        clips[-1] = min(infer_frames, math.ceil(missing / granularity) * granularity)
-        if len(clips) > 1 and clips[-1] <= absorb_tail and clips[-2] + clips[-1] <= max_frames:
-            tail = clips.pop()
-            clips[-1] += tail
-    return clips
 
 
 def _is_num(v) -> bool:
