@@ -10,8 +10,9 @@ submitting the story again renders only those.
 
 Estimates are in *work units* per kind, so a 720p scene is not judged by a 480p one:
 an image is ``steps × megapixels``; a video ``steps × (frames its clips generate / 80) ×
-(area / 480p area)``, the clips planned by the engine's own rule (``models/clip_plan.py``). Once a piece of a kind has been measured, the slowest
-measured seconds-per-unit of that kind (times a safety factor) is used; before that a
+(area / 480p area)``, the clips planned by the engine's own rule (``models/clip_plan.py``).
+Once a piece of a kind has been measured, the slowest measured seconds-per-unit of that
+kind (times a safety factor) is used; before that a
 conservative prior per unit plus a fixed per-piece cost (encode, upload), taken from
 this project's H100 measurements with a margin (``bench/RESULTS.md``: a 480p CFG step
 of 80 frames ≈ 8 s). Plain numbers, no torch: the schema-side code can import it.

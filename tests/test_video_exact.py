@@ -353,8 +353,8 @@ def test_other_clip_lengths_share_one_compiled_graph(engine):
         assert counter.frame_count == 4  # the other-length graphs, symbolic in the clip's length
         runs += _lengths_run(engine, options, [12, 20, 16])
         # No compile for any further length, nor for the full clip. (A 4-frame clip, one latent
-        # frame, would get a graph of its own: dynamo specializes sizes of 1; such a clip only
-        # happens for audio of at most one frame, since a one-latent tail is merged.)
+        # frame, would get a graph of its own: dynamo specializes sizes of 1; a one-latent tail is
+        # merged, so such a clip only happens for audio of at most one frame or after a 160-frame clip.)
         assert counter.frame_count == 4
     finally:
         engine._compilers.clear()
