@@ -204,7 +204,6 @@ class DiTCompiler:
                  dynamic: bool | None = False) -> None:
         self.model = model
         self.backend = backend
-        self.dynamic = dynamic
         self.blocks = BlockCompiler(model.blocks, backend=backend, dynamic=dynamic)  # type: ignore[arg-type]
         self._residual = torch.compile(frame_residual, dynamic=dynamic, backend=backend)
 

@@ -480,21 +480,25 @@ class WanS2VGenerator:
         """
         image = Image.new("RGB", (width, height), (128, 128, 128))
         drop = L.FIRST_CLIP_DROP_FRAMES if self.drop_first_motion else 0
-        lengths = [infer_frames]
-        longest = plan_clip_frames(infer_frames, infer_frames, first_clip_drop=drop,
-                                   trim_last=self.options.trim_last_clip)
-        if len(longest) == 1 and longest[0] != infer_frames and self._clip_compiled(longest[0], infer_frames):
-            lengths.append(longest[0])
+
+        def clips(target_frames: int) -> list[int]:
+            return plan_clip_frames(target_frames, infer_frames, first_clip_drop=drop,
+                                    trim_last=self.options.trim_last_clip)
+
+        targets = [infer_frames - drop]  # frames of audio: exactly one full clip
+        merged = clips(infer_frames)
+        if len(merged) == 1 and merged[0] != infer_frames and self._clip_compiled(merged[0], infer_frames):
+            targets.append(infer_frames)
         total = 0.0
-        for frames in lengths:
-            seconds = (frames - drop) / FPS if frames == infer_frames else infer_frames / FPS
+        for target in targets:
+            seconds = target / FPS
             t = np.linspace(0, seconds, int(round(seconds * SAMPLE_RATE)), endpoint=False, dtype=np.float32)
             audio = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
             req = VideoRequest(image=image, audio=audio, prompt="warm-up", max_area=width * height,
                                infer_frames=infer_frames, steps=1, guidance=L.VIDEO_GUIDANCE_DEFAULT, seed=0)
             result = self.generate(req)
-            if result.engine["clip_frames"] != [frames]:
-                log.warning("warm-up clip of %d frames ran as %s", frames, result.engine["clip_frames"])
+            if result.engine["clip_frames"] != clips(target):
+                log.warning("warm-up clips %s, planned %s", result.engine["clip_frames"], clips(target))
             total += result.seconds
         return total
 
